@@ -1,0 +1,102 @@
+"""Orbax checkpoints of the train state: periodic saves, resume, and corrupt-checkpoint fallback.
+
+A thin layer over ``orbax.checkpoint.CheckpointManager`` (the ``args=`` API with
+a ``preservation_policy``). What it adds is the policy researchers expect:
+
+* resume from the newest checkpoint that restores;
+* a checkpoint that fails to restore (partial write, corrupt file) is reported
+  and skipped, never deleted or overwritten (it stays on disk for inspection);
+* the train state is saved with a small JSON record of the run (step, config).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a non-empty checkpoint directory could be restored."""
+
+
+def make_manager(directory: str, keep: int, save_every: int) -> ocp.CheckpointManager:
+  """A ``CheckpointManager`` that keeps the ``keep`` latest checkpoints.
+
+  Saves are synchronous: when ``save`` returns the checkpoint is complete, so a
+  run killed right after a save resumes from it.
+
+  Args:
+    directory: where checkpoints live (``WORKDIR/checkpoints``).
+    keep: how many of the latest checkpoints to preserve.
+    save_every: steps between periodic saves (``save(..., force=True)`` always saves).
+  """
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=checkpoint_managers.FixedIntervalPolicy(save_every),
+      preservation_policy=checkpoint_managers.LatestN(keep),
+      enable_async_checkpointing=False,
+      create=True,
+  )
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         force: bool = False) -> bool:
+  """Saves ``state`` and the JSON ``meta`` at ``step`` if the policy (or ``force``) says so."""
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[Any, dict, int] | None:
+  """Restores the newest checkpoint that loads; ``None`` if there is none.
+
+  Newer checkpoints that fail to load are reported with ``logging.warning`` and
+  left in place.
+
+  Args:
+    manager: from ``make_manager``.
+    abstract_state: a pytree of the state's structure (arrays or
+      ``jax.ShapeDtypeStruct``), the restore target.
+
+  Returns:
+    ``(state, meta, step)`` or ``None`` when the directory holds no checkpoint.
+
+  Raises:
+    CheckpointError: checkpoints exist but none restores.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  failures = []
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as err:  # pylint: disable=broad-except
+      # Orbax raises a variety of errors for partial or corrupt files.
+      message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+      logging.warning("Checkpoint at step %d in %s could not be restored (%s); it is "
+                      "left in place for inspection, trying an older one.",
+                      step, manager.directory, message)
+      failures.append((step, message))
+      continue
+    if failures:
+      logging.warning("Resumed from step %d; skipped unreadable checkpoint(s) at %s.",
+                      step, [s for s, _ in failures])
+    return restored["state"], dict(restored["meta"]), step
+  raise CheckpointError(
+      f"None of the checkpoints in {manager.directory} could be restored: "
+      + "; ".join(f"step {s}: {m}" for s, m in failures)
+      + ". They are left in place; move them away to start afresh.")
+
+
+def abstract_like(tree: Any) -> Any:
+  """``jax.ShapeDtypeStruct`` leaves for a restore target."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)

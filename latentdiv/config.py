@@ -1,0 +1,183 @@
+"""The experiment configuration schema: every field, its default, and its validation.
+
+Experiment files under ``experiments/configs/`` start from ``base_config()``
+and override what they change (big_vision style). ``validate(config)`` runs
+before anything is built or compiled and raises a ``ValueError`` that names the
+field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from latentdiv import vocab
+
+TASKS = ("early_divergence", "late_divergence", "transduction")
+LATE_VARIANTS = ("shift", "permute")
+RECONSTRUCTIONS = ("hard_em", "soft_em")
+JSD_WEIGHTINGS = ("uniform", "prefix", "divergence")
+ESTIMATORS = ("trajectory", "reward_to_go", "reward_to_go_baseline", "kl_to_go",
+              "kl_to_go_baseline", "rao_blackwell")
+BASELINES = ("none", "leave_one_out", "ema", "jsd")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (a tiny early-divergence run)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The synthetic task (latentdiv.tasks). Sizes of the task define the vocabulary.
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "early_divergence"
+  c.task.prompt_len = 4
+  c.task.alphabet_size = 6
+  c.task.num_strategies = 3
+  # late_divergence only: the strategies share a copy of the prompt, then differ on
+  # the last num_divergent tokens ('shift': offsets; 'permute': same tokens, other order).
+  c.task.num_divergent = 3
+  c.task.variant = "shift"
+
+  # The model (latentdiv.model.ModelConfig). num_latents is K.
+  c.model = ml_collections.ConfigDict()
+  c.model.num_latents = 3
+  c.model.d_model = 64
+  c.model.num_heads = 4
+  c.model.num_layers = 2
+  c.model.d_ff = 256
+  c.model.dtype = "float32"
+
+  # The objective: reconstruction − λ_jsd·Ĵ − λ_pg·(sequence-level KL)  (DESIGN §3–5).
+  c.objective = ml_collections.ConfigDict()
+  c.objective.reconstruction = "hard_em"
+  c.objective.lambda_jsd = 0.1
+  c.objective.jsd_weighting = "uniform"
+  c.objective.jsd_prefix_len = 4  # the 'prefix' weighting's L.
+
+  # Sequence-level inter-latent KL by prefix rollouts (DESIGN §5); off when lambda_pg = 0.
+  c.seq_pg = ml_collections.ConfigDict()
+  c.seq_pg.lambda_pg = 0.0
+  c.seq_pg.estimator = "rao_blackwell"
+  c.seq_pg.baseline = "none"
+  c.seq_pg.rollout_len = 4  # L
+  c.seq_pg.num_rollouts = 1  # N per (example, latent); leave_one_out needs N >= 2.
+  c.seq_pg.num_pairs = 0  # ordered pairs per example; 0 = all K(K-1).
+  c.seq_pg.warmup_steps = 0
+  c.seq_pg.ramp_steps = 0
+  c.seq_pg.ema_decay = 0.9  # for the 'ema' baseline and the JSD control-variate fit.
+
+  # Optax optimiser.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 1.0
+
+  # The loop.
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 3
+
+  # Evaluation: samples per latent on a fixed evaluation set.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.greedy = False  # sample at temperature 1 (the model's distribution) by default.
+  return c
+
+
+def _positive_int(config, path):
+  value = _get(config, path)
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"config.{path} must be a positive integer, got {value!r}.")
+
+
+def _non_negative(config, path, kind=(int, float)):
+  value = _get(config, path)
+  if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+    raise ValueError(f"config.{path} must be a non-negative number, got {value!r}.")
+
+
+def _one_of(config, path, allowed):
+  value = _get(config, path)
+  if value not in allowed:
+    raise ValueError(f"config.{path} must be one of {allowed}, got {value!r}.")
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ValueError(f"config.{path} is missing.")
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field before anything compiles.
+
+  Raises:
+    ValueError: naming the first invalid field, its value and what is allowed.
+  """
+  for path in ("task.prompt_len", "task.alphabet_size", "task.num_strategies",
+               "model.num_latents", "model.d_model", "model.num_heads",
+               "model.num_layers", "model.d_ff", "seq_pg.rollout_len",
+               "seq_pg.num_rollouts", "train.batch_size", "train.num_steps",
+               "train.log_every", "train.eval_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "eval.batch_size", "objective.jsd_prefix_len",
+               "task.num_divergent"):
+    _positive_int(config, path)
+  for path in ("objective.lambda_jsd", "seq_pg.lambda_pg", "optim.weight_decay",
+               "optim.grad_clip_norm"):
+    _non_negative(config, path)
+  for path in ("seq_pg.warmup_steps", "seq_pg.ramp_steps", "seq_pg.num_pairs",
+               "optim.warmup_steps"):
+    _non_negative(config, path, kind=int)
+  _one_of(config, "task.name", TASKS)
+  _one_of(config, "task.variant", LATE_VARIANTS)
+  _one_of(config, "objective.reconstruction", RECONSTRUCTIONS)
+  _one_of(config, "objective.jsd_weighting", JSD_WEIGHTINGS)
+  _one_of(config, "seq_pg.estimator", ESTIMATORS)
+  _one_of(config, "seq_pg.baseline", BASELINES)
+  _one_of(config, "optim.schedule", SCHEDULES)
+  _one_of(config, "model.dtype", DTYPES)
+  if not isinstance(config.seed, int) or isinstance(config.seed, bool):
+    raise ValueError(f"config.seed must be an integer, got {config.seed!r}.")
+  lr = config.optim.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    raise ValueError(f"config.optim.learning_rate must be a positive number, got {lr!r}.")
+  if not 0 <= config.seq_pg.ema_decay < 1:
+    raise ValueError(
+        f"config.seq_pg.ema_decay must be in [0, 1), got {config.seq_pg.ema_decay!r}.")
+  k = config.model.num_latents
+  if k < 2:
+    raise ValueError(f"config.model.num_latents (K) must be >= 2, got {k}.")
+  if config.model.d_model % config.model.num_heads:
+    raise ValueError(
+        f"config.model.num_heads={config.model.num_heads} must divide "
+        f"config.model.d_model={config.model.d_model}.")
+  if config.task.alphabet_size < 2:
+    raise ValueError(
+        f"config.task.alphabet_size must be >= 2, got {config.task.alphabet_size}.")
+  if config.seq_pg.num_pairs > k * (k - 1):
+    raise ValueError(
+        f"config.seq_pg.num_pairs must be in [0, K(K-1) = {k * (k - 1)}], "
+        f"got {config.seq_pg.num_pairs}.")
+  if config.seq_pg.baseline == "leave_one_out" and config.seq_pg.num_rollouts < 2:
+    raise ValueError(
+        "config.seq_pg.num_rollouts must be >= 2 with baseline 'leave_one_out', "
+        f"got {config.seq_pg.num_rollouts}.")
+  if config.seq_pg.estimator.endswith("_baseline") and config.seq_pg.baseline == "none":
+    raise ValueError(
+        f"config.seq_pg.estimator={config.seq_pg.estimator!r} needs a baseline: "
+        f"config.seq_pg.baseline must be one of {BASELINES[1:]}, got 'none'.")
+
+
+def num_vocab(config: ml_collections.ConfigDict) -> int:
+  """Vocabulary size V implied by the task: reserved ids plus the alphabet."""
+  return vocab.NUM_RESERVED + config.task.alphabet_size
