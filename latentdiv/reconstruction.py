@@ -1,0 +1,204 @@
+"""Reconstruction objectives of a latent-conditioned model (DESIGN.md §3).
+
+Given data ``(x, y*)`` the K teacher-forced log-likelihoods
+``ℓ_k = log p_k(y* | x)`` are computed in one pass vmapped over k (PAD
+positions masked, ``sequence_log_likelihood``). Two objectives turn them into a
+loss:
+
+* **hard-EM** (the default; "multiple-choice learning", the hMoEup recipe of
+  Shen et al. 2019): ``L_rec = −ℓ_{k̂}``, ``k̂ = argmax_k sg(ℓ_k)`` — only the
+  latent that explains the example best is trained on it.
+* **soft-EM / marginal likelihood** under a uniform prior over z:
+  ``L_rec = −logsumexp_k ℓ_k + log K = −log (1/K) Σ_k p_k(y* | x)``.
+
+Responsibilities (which latent explains an example) should be computed from a
+forward pass *without dropout* (Shen et al. 2019 switch dropout off in the
+E-step); that is the caller's business — the functions here only see ℓ.
+Mixtures of this kind are known to collapse onto one component ("rich get
+richer": the latent that wins early is trained more, so it keeps winning);
+``latent_usage`` — the share of examples each latent wins — is the first sign
+of it and should be logged every step.
+
+Shapes: B batch, K latents, T positions, V vocabulary. The functions are
+written for one sequence or one batch; batch/latents with ``jax.vmap``.
+
+References:
+  Shen, Ott, Auli, Ranzato (2019), "Mixture Models for Diverse Machine
+  Translation: Tricks of the Trade", ICML (hMoEup: hard mixture, uniform prior,
+  shared parameters, online responsibilities).
+  Guzman-Rivera, Batra, Kohli (2012), "Multiple Choice Learning".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+RECONSTRUCTION_KINDS = ("hard_em", "soft_em")
+
+
+def sequence_log_likelihood(logits_TxV: chex.Array, targets_T: chex.Array,
+                            mask_T: chex.Array) -> chex.Array:
+  """Masked teacher-forced log-likelihood of one sequence.
+
+  ``ℓ = Σ_t m_t log p(y_t | c_t)``, ``log p = log_softmax(logits)``, with
+  ``m_t`` the mask (PAD positions 0). Masked positions contribute exactly 0
+  whatever their target id. Batch and latents with ``jax.vmap``, e.g.
+  ``jax.vmap(jax.vmap(sequence_log_likelihood, (0, None, None)))(logits_BxKxTxV,
+  targets_BxT, mask_BxT)`` → ``[B, K]``.
+
+  Args:
+    logits_TxV: ``[T, V]`` next-token logits under teacher forcing.
+    targets_T: ``[T]`` integer target ids y*.
+    mask_T: ``[T]`` mask (bool or numeric; numeric values act as weights).
+
+  Returns:
+    Scalar log-likelihood ℓ (<= 0 for a 0/1 mask), the dtype of the logits.
+
+  References:
+    DESIGN.md §3.
+  """
+  chex.assert_rank(logits_TxV, 2, custom_message="logits_TxV must be [time, vocab]")
+  chex.assert_rank(targets_T, 1, custom_message="targets_T must be [time]")
+  chex.assert_type(targets_T, int, custom_message="targets_T must hold integer token ids")
+  chex.assert_equal_shape([targets_T, mask_T], custom_message="targets_T and mask_T must have the same shape")
+  chex.assert_axis_dimension(logits_TxV, 0, targets_T.shape[0],
+                             custom_message="logits_TxV.shape[0] must equal len(targets_T)")
+  log_probs_TxV = jax.nn.log_softmax(logits_TxV, axis=-1)
+  log_p_t = jnp.take_along_axis(log_probs_TxV, targets_T[:, None], axis=-1)[:, 0]
+  mask_T = jnp.asarray(mask_T)
+  weight_t = mask_T.astype(log_p_t.dtype)
+  return jnp.sum(jnp.where(mask_T != 0, weight_t * log_p_t, 0.0))
+
+
+def _check_loglik(loglik_BxK):
+  chex.assert_rank(loglik_BxK, 2, custom_message="loglik_BxK must be [batch, latents]")
+
+
+def hard_em_loss(loglik_BxK: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """Hard-EM (multiple-choice) reconstruction loss.
+
+  ``L_rec = (1/B) Σ_b −ℓ_{b, k̂_b}``, ``k̂_b = argmax_k sg(ℓ_{b,k})``: the
+  gradient reaches only the winning latent of each example (ties go to the
+  lowest index).
+
+  Args:
+    loglik_BxK: ``[B, K]`` log-likelihoods ``log p_k(y*_b | x_b)``.
+
+  Returns:
+    ``(loss, winners_B)``: the scalar loss and the ``[B]`` int32 winning latents.
+
+  References:
+    DESIGN.md §3; Shen et al. (2019), hMoEup.
+  """
+  _check_loglik(loglik_BxK)
+  winners_B = jnp.argmax(jax.lax.stop_gradient(loglik_BxK), axis=-1).astype(jnp.int32)
+  chosen_B = jnp.take_along_axis(loglik_BxK, winners_B[:, None], axis=-1)[:, 0]
+  return -jnp.mean(chosen_B), winners_B
+
+
+def soft_em_loss(loglik_BxK: chex.Array) -> chex.Array:
+  """Soft-EM / marginal-likelihood loss under a uniform prior over the K latents.
+
+  ``L_rec = (1/B) Σ_b [−logsumexp_k ℓ_{b,k} + log K] = −(1/B) Σ_b log
+  ((1/K) Σ_k p_k(y*_b | x_b))``. Its gradient weighs each latent by its
+  responsibility.
+
+  Args:
+    loglik_BxK: ``[B, K]`` log-likelihoods.
+
+  Returns:
+    The scalar loss.
+
+  References:
+    DESIGN.md §3; Shen et al. (2019).
+  """
+  _check_loglik(loglik_BxK)
+  num_latents = loglik_BxK.shape[-1]
+  return jnp.mean(-jax.nn.logsumexp(loglik_BxK, axis=-1) + math.log(num_latents))
+
+
+def responsibilities(loglik_BxK: chex.Array) -> chex.Array:
+  """Posterior over latents under a uniform prior, gradient stopped.
+
+  ``r_{b,k} = softmax_k(sg(ℓ_{b,k})) = p(z=k | x_b, y*_b)``. Compute ℓ without
+  dropout for this.
+
+  Args:
+    loglik_BxK: ``[B, K]`` log-likelihoods.
+
+  Returns:
+    ``[B, K]`` responsibilities, rows summing to 1.
+
+  References:
+    DESIGN.md §3.
+  """
+  _check_loglik(loglik_BxK)
+  return jax.nn.softmax(jax.lax.stop_gradient(loglik_BxK), axis=-1)
+
+
+def latent_usage(loglik_BxK: chex.Array) -> chex.Array:
+  """Share of the examples each latent wins (its hard-EM assignment rate).
+
+  ``u_k = (1/B) Σ_b 1[argmax_j ℓ_{b,j} = k]``. A latent whose share drifts
+  to 0 is collapsing ("rich get richer").
+
+  Args:
+    loglik_BxK: ``[B, K]`` log-likelihoods.
+
+  Returns:
+    ``[K]`` shares summing to 1 (no gradient).
+
+  References:
+    DESIGN.md §3.
+  """
+  _check_loglik(loglik_BxK)
+  num_latents = loglik_BxK.shape[-1]
+  winners_B = jnp.argmax(jax.lax.stop_gradient(loglik_BxK), axis=-1)
+  dtype = loglik_BxK.dtype if jnp.issubdtype(loglik_BxK.dtype, jnp.floating) else jnp.float32
+  return jnp.mean(jax.nn.one_hot(winners_B, num_latents, dtype=dtype), axis=0)
+
+
+class ReconstructionOutput(NamedTuple):
+  """Output of ``reconstruction_loss``.
+
+  Attributes:
+    loss: scalar L_rec.
+    winners: ``[B]`` int32 argmax latents k̂ (the hard-EM assignments).
+    responsibilities: ``[B, K]`` posterior over latents (stop-gradient).
+    usage: ``[K]`` share of examples each latent wins.
+  """
+  loss: chex.Array
+  winners: chex.Array
+  responsibilities: chex.Array
+  usage: chex.Array
+
+
+def reconstruction_loss(kind: str, loglik_BxK: chex.Array) -> ReconstructionOutput:
+  """Reconstruction loss by name, with the diagnostics to log.
+
+  ``"hard_em"``: ``hard_em_loss``; ``"soft_em"``: ``soft_em_loss``. The
+  winners, responsibilities and usage are returned for both.
+
+  Args:
+    kind: one of ``RECONSTRUCTION_KINDS`` (static under jit).
+    loglik_BxK: ``[B, K]`` log-likelihoods.
+
+  Returns:
+    ``ReconstructionOutput(loss, winners [B], responsibilities [B, K], usage [K])``.
+
+  References:
+    DESIGN.md §3.
+  """
+  if kind not in RECONSTRUCTION_KINDS:
+    raise ValueError(f"kind must be one of {RECONSTRUCTION_KINDS}, got {kind!r}.")
+  if kind == "hard_em":
+    loss, winners_B = hard_em_loss(loglik_BxK)
+  else:
+    loss = soft_em_loss(loglik_BxK)
+    winners_B = jnp.argmax(jax.lax.stop_gradient(loglik_BxK), axis=-1).astype(jnp.int32)
+  return ReconstructionOutput(loss, winners_B, responsibilities(loglik_BxK), latent_usage(loglik_BxK))

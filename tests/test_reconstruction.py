@@ -1,0 +1,177 @@
+"""Tests for latentdiv.reconstruction against brute-force NumPy references."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from latentdiv import reconstruction
+from latentdiv import vocab
+
+
+def np_log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def np_sequence_log_likelihood(logits, targets, mask):
+  log_probs = np_log_softmax(logits)
+  return sum(log_probs[t, targets[t]] for t in range(len(targets)) if mask[t])
+
+
+def np_log_mean_exp(x):
+  """log((1/K) Σ_k exp(x_k)) by brute force in float64 (values are moderate)."""
+  return np.log(np.mean(np.exp(np.asarray(x, np.float64)), axis=-1))
+
+
+def _loglik(seed, shape=(6, 4)):
+  return np.asarray(np.random.default_rng(seed).normal(size=shape) * 3 - 10, np.float32)
+
+
+class SequenceLogLikelihoodTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_and_ignores_pad(self):
+    rng = np.random.default_rng(0)
+    logits = np.asarray(rng.normal(size=(6, 9)) * 2, np.float32)
+    targets = np.array([5, 7, 3, vocab.EOS, vocab.PAD, vocab.PAD], np.int32)
+    mask = targets != vocab.PAD
+    got = self.variant(reconstruction.sequence_log_likelihood)(logits, targets, mask)
+    chex.assert_shape(got, ())
+    chex.assert_type(got, jnp.float32)
+    np.testing.assert_allclose(got, np_sequence_log_likelihood(logits, targets, mask), rtol=1e-5)
+    # Whatever the PAD positions hold, they do not count.
+    other = logits.copy()
+    other[4:] = rng.normal(size=(2, 9)) * 50
+    np.testing.assert_allclose(reconstruction.sequence_log_likelihood(other, targets, mask), got, rtol=1e-6)
+
+  def test_vmap_over_batch_and_latents(self):
+    rng = np.random.default_rng(1)
+    logits = np.asarray(rng.normal(size=(3, 2, 5, 7)), np.float32)  # [B, K, T, V]
+    targets = rng.integers(vocab.FIRST_CONTENT, 7, size=(3, 5)).astype(np.int32)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+    fn = jax.jit(jax.vmap(jax.vmap(reconstruction.sequence_log_likelihood, (0, None, None))))
+    got = fn(logits, targets, mask)
+    chex.assert_shape(got, (3, 2))
+    want = [[np_sequence_log_likelihood(logits[b, k], targets[b], mask[b]) for k in range(2)] for b in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[2], 0.0)
+
+  def test_extreme_logits_and_fully_masked_have_finite_gradients(self):
+    signs = np.random.default_rng(2).choice([-1.0, 1.0], size=(5, 6))
+    logits = jnp.asarray(signs * 1e4, jnp.float32)
+    targets = jnp.asarray([3, 4, 5, 0, 1], jnp.int32)
+    for mask in (np.array([1, 1, 1, 0, 0], bool), np.zeros(5, bool)):
+      value, grad = jax.value_and_grad(reconstruction.sequence_log_likelihood)(logits, targets, mask)
+      chex.assert_tree_all_finite((value, grad))
+      if not mask.any():
+        self.assertEqual(float(value), 0.0)
+        np.testing.assert_array_equal(grad, 0.0)
+
+  def test_shape_errors_name_the_argument(self):
+    logits = jnp.zeros((5, 6))
+    with self.assertRaisesRegex(AssertionError, "logits_TxV"):
+      reconstruction.sequence_log_likelihood(jnp.zeros((2, 5, 6)), jnp.zeros(5, jnp.int32), jnp.ones(5))
+    with self.assertRaisesRegex(AssertionError, "targets_T and mask_T"):
+      reconstruction.sequence_log_likelihood(logits, jnp.zeros(5, jnp.int32), jnp.ones(4))
+    with self.assertRaisesRegex(AssertionError, "len\\(targets_T\\)"):
+      reconstruction.sequence_log_likelihood(logits, jnp.zeros(4, jnp.int32), jnp.ones(4))
+    with self.assertRaisesRegex(AssertionError, "targets_T must hold integer"):
+      reconstruction.sequence_log_likelihood(logits, jnp.zeros(5), jnp.ones(5))
+
+
+class EMLossTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_hard_em_picks_best_latent(self):
+    loglik = _loglik(3)
+    loss, winners = self.variant(reconstruction.hard_em_loss)(loglik)
+    chex.assert_shape([loss, winners], [(), (6,)])
+    chex.assert_type([loss, winners], [jnp.float32, jnp.int32])
+    np.testing.assert_array_equal(winners, np.argmax(loglik, -1))
+    np.testing.assert_allclose(loss, -np.mean(np.max(loglik, -1)), rtol=1e-6)
+
+  def test_hard_em_gradient_flows_only_to_winner(self):
+    loglik = _loglik(4)
+    grad = jax.grad(lambda l: reconstruction.hard_em_loss(l)[0])(loglik)
+    want = np.zeros_like(loglik)
+    want[np.arange(6), np.argmax(loglik, -1)] = -1.0 / 6
+    np.testing.assert_allclose(grad, want, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_soft_em_equals_log_mean_exp(self):
+    loglik = _loglik(5)
+    loss = self.variant(reconstruction.soft_em_loss)(loglik)
+    chex.assert_shape(loss, ())
+    np.testing.assert_allclose(loss, -np.mean(np_log_mean_exp(loglik)), rtol=1e-5)
+    # Its gradient weighs each latent by its responsibility.
+    grad = jax.grad(reconstruction.soft_em_loss)(loglik)
+    resp = np.exp(loglik - loglik.max(-1, keepdims=True))
+    resp /= resp.sum(-1, keepdims=True)
+    np.testing.assert_allclose(grad, -resp / 6, rtol=1e-5, atol=1e-8)
+
+  def test_soft_em_bounds_hard_em(self):
+    # −log mean_k p_k lies between −max_k ℓ_k and −max_k ℓ_k + log K.
+    loglik = _loglik(6)
+    soft = float(reconstruction.soft_em_loss(loglik))
+    hard = float(reconstruction.hard_em_loss(loglik)[0])
+    self.assertGreaterEqual(soft, hard - 1e-5)
+    self.assertLessEqual(soft, hard + np.log(4) + 1e-5)
+
+  def test_extreme_log_likelihoods_stay_finite(self):
+    loglik = jnp.asarray([[-1e4, -2e4, -3e4], [0.0, -1e4, -1e4]], jnp.float32)
+    for fn in (lambda l: reconstruction.hard_em_loss(l)[0], reconstruction.soft_em_loss):
+      value, grad = jax.value_and_grad(fn)(loglik)
+      chex.assert_tree_all_finite((value, grad))
+    # Row losses: (1e4 + log 3) and (0 + log 3); the other terms underflow.
+    np.testing.assert_allclose(reconstruction.soft_em_loss(loglik), (1e4 + 2 * np.log(3)) / 2, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_responsibilities_and_usage(self):
+    loglik = _loglik(7, (40, 3))
+    resp = self.variant(reconstruction.responsibilities)(loglik)
+    usage = self.variant(reconstruction.latent_usage)(loglik)
+    chex.assert_shape([resp, usage], [(40, 3), (3,)])
+    shifted = np.exp(loglik - loglik.max(-1, keepdims=True))
+    np.testing.assert_allclose(resp, shifted / shifted.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(usage, np.bincount(np.argmax(loglik, -1), minlength=3) / 40, rtol=1e-6)
+    np.testing.assert_allclose(jnp.sum(usage), 1.0, rtol=1e-6)
+    # Stop-gradient.
+    grad = jax.grad(lambda l: jnp.sum(reconstruction.responsibilities(l) * jnp.arange(3.0)[None, :]))(loglik)
+    np.testing.assert_array_equal(grad, 0.0)
+
+  def test_usage_shows_collapse(self):
+    loglik = _loglik(8, (10, 4))
+    loglik[:, 2] += 100.0  # latent 2 explains everything
+    np.testing.assert_array_equal(reconstruction.latent_usage(loglik), [0.0, 0.0, 1.0, 0.0])
+
+  def test_shape_errors_name_the_argument(self):
+    for fn in (reconstruction.hard_em_loss, reconstruction.soft_em_loss, reconstruction.responsibilities,
+               reconstruction.latent_usage):
+      with self.assertRaisesRegex(AssertionError, "loglik_BxK"):
+        fn(jnp.zeros(4))
+
+
+class ReconstructionLossTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("hard_em", "soft_em")
+  def test_dispatch(self, kind):
+    loglik = _loglik(9)
+    out = self.variant(lambda l: reconstruction.reconstruction_loss(kind, l))(loglik)
+    chex.assert_shape([out.loss, out.winners, out.responsibilities, out.usage], [(), (6,), (6, 4), (4,)])
+    want = -np.mean(np.max(loglik, -1)) if kind == "hard_em" else -np.mean(np_log_mean_exp(loglik))
+    np.testing.assert_allclose(out.loss, want, rtol=1e-5)
+    np.testing.assert_array_equal(out.winners, np.argmax(loglik, -1))
+    np.testing.assert_allclose(out.usage, np.bincount(np.argmax(loglik, -1), minlength=4) / 6, rtol=1e-6)
+
+  def test_unknown_kind(self):
+    with self.assertRaisesRegex(ValueError, r"kind must be one of \('hard_em', 'soft_em'\)"):
+      reconstruction.reconstruction_loss("em", jnp.zeros((2, 3)))
+
+
+if __name__ == "__main__":
+  absltest.main()
