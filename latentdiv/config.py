@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import ml_collections
 
+from latentdiv import divergences
+from latentdiv import estimators
+from latentdiv import reconstruction
+from latentdiv import tasks
 from latentdiv import vocab
 
-TASKS = ("early_divergence", "late_divergence", "transduction")
-LATE_VARIANTS = ("shift", "permute")
-RECONSTRUCTIONS = ("hard_em", "soft_em")
-JSD_WEIGHTINGS = ("uniform", "prefix", "divergence")
-ESTIMATORS = ("trajectory", "reward_to_go", "reward_to_go_baseline", "kl_to_go",
-              "kl_to_go_baseline", "rao_blackwell")
+# Allowed names come from the modules that implement them (one source of truth).
+TASKS = tasks.TASKS
+LATE_VARIANTS = tasks.LATE_VARIANTS
+TRANSFORMS = tasks.TRANSFORMS
+RECONSTRUCTIONS = reconstruction.RECONSTRUCTION_KINDS
+JSD_WEIGHTINGS = divergences.WEIGHTINGS
+ESTIMATORS = estimators.ESTIMATORS
+BASELINED = estimators.BASELINED_ESTIMATORS
 BASELINES = ("none", "leave_one_out", "ema", "jsd")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -38,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the last num_divergent tokens ('shift': offsets; 'permute': same tokens, other order).
   c.task.num_divergent = 3
   c.task.variant = "shift"
+  c.task.shift = 1  # early/late 'shift': strategy s adds s*shift (mod alphabet).
+  # transduction only: input lengths are uniform in [min_len, prompt_len].
+  c.task.min_len = 2
+  c.task.transform = "reverse"
 
   # The model (latentdiv.model.ModelConfig). num_latents is K.
   c.model = ml_collections.ConfigDict()
@@ -130,7 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "seq_pg.num_rollouts", "train.batch_size", "train.num_steps",
                "train.log_every", "train.eval_every", "train.checkpoint_every",
                "train.keep_checkpoints", "eval.batch_size", "objective.jsd_prefix_len",
-               "task.num_divergent"):
+               "task.num_divergent", "task.shift", "task.min_len"):
     _positive_int(config, path)
   for path in ("objective.lambda_jsd", "seq_pg.lambda_pg", "optim.weight_decay",
                "optim.grad_clip_norm"):
@@ -140,6 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _non_negative(config, path, kind=int)
   _one_of(config, "task.name", TASKS)
   _one_of(config, "task.variant", LATE_VARIANTS)
+  _one_of(config, "task.transform", TRANSFORMS)
   _one_of(config, "objective.reconstruction", RECONSTRUCTIONS)
   _one_of(config, "objective.jsd_weighting", JSD_WEIGHTINGS)
   _one_of(config, "seq_pg.estimator", ESTIMATORS)
@@ -172,6 +183,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         "config.seq_pg.num_rollouts must be >= 2 with baseline 'leave_one_out', "
         f"got {config.seq_pg.num_rollouts}.")
+  if config.seq_pg.baseline != "none" and config.seq_pg.estimator not in BASELINED:
+    raise ValueError(
+        f"config.seq_pg.baseline={config.seq_pg.baseline!r} needs an estimator that "
+        f"takes a baseline: config.seq_pg.estimator must be one of {BASELINED}, got "
+        f"{config.seq_pg.estimator!r}.")
   if config.seq_pg.estimator.endswith("_baseline") and config.seq_pg.baseline == "none":
     raise ValueError(
         f"config.seq_pg.estimator={config.seq_pg.estimator!r} needs a baseline: "

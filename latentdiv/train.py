@@ -37,6 +37,7 @@ from latentdiv import metrics as metrics_lib
 from latentdiv import model as model_lib
 from latentdiv import reconstruction
 from latentdiv import sampling
+from latentdiv import seq_kl
 from latentdiv import tasks as tasks_lib
 
 
@@ -74,10 +75,12 @@ def task_kwargs(config: ml_collections.ConfigDict) -> dict:
   t = config.task
   kwargs = dict(alphabet_size=t.alphabet_size, prompt_len=t.prompt_len)
   if t.name == "early_divergence":
-    kwargs.update(num_strategies=t.num_strategies)
+    kwargs.update(num_strategies=t.num_strategies, shift=t.shift)
   elif t.name == "late_divergence":
     kwargs.update(num_strategies=t.num_strategies, num_divergent=t.num_divergent,
-                  variant=t.variant)
+                  variant=t.variant, shift=t.shift)
+  else:
+    kwargs.update(min_len=t.min_len, transform=t.transform)
   return kwargs
 
 
@@ -117,7 +120,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   steps = config.train.num_steps
   if o.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, o.learning_rate, min(o.warmup_steps, steps), max(steps, 1),
+        0.0, o.learning_rate, o.warmup_steps, max(steps, o.warmup_steps + 1),
         end_value=0.1 * o.learning_rate)
   else:
     schedule = optax.join_schedules(
@@ -140,10 +143,7 @@ def init_state(setup: Setup) -> TrainState:
 
 
 def _init_extra(setup: Setup) -> dict:
-  if setup.config.seq_pg.lambda_pg <= 0:
-    return {}
-  from latentdiv import seq_kl  # pylint: disable=import-outside-toplevel
-  return seq_kl.init_state(setup.config)
+  return seq_kl.init_state(setup.config) if setup.config.seq_pg.lambda_pg > 0 else {}
 
 
 def data_key(config) -> jax.Array:
@@ -189,8 +189,6 @@ def make_train_step(setup: Setup):
   config = setup.config
   dkey = data_key(config)
   use_pg = config.seq_pg.lambda_pg > 0
-  if use_pg:
-    from latentdiv import seq_kl  # pylint: disable=import-outside-toplevel
 
   def loss_fn(params, state, batch, key):
     logits, rec, jsd, best_nll = teacher_forced_terms(setup, params, batch)
