@@ -10,19 +10,35 @@ rejected before anything compiles, with a message naming the field.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from latentdiv import checkpointing
 from latentdiv import train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "experiments", "configs", "default.py"),
-    "Path to a config file with get_config() (experiments/configs/*.py).",
-    lock_config=True)
+
+
+def _unknown_field(err: Exception) -> str:
+  bad = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  message = str(err).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  return (f"FATAL Unknown config field in {bad}: {message}\n"
+          f"Every field and its default: latentdiv/config.py (base_config).")
+
+
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(_HERE, "experiments", "configs", "default.py"),
+      "Path to a config file with get_config() (experiments/configs/*.py).",
+      lock_config=True)
+except (AttributeError, KeyError) as _err:
+  # ml_collections resolves --config.FIELD overrides when the flag is defined and
+  # raises these for a field the config lacks.
+  sys.exit(_unknown_field(_err))
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for checkpoints, TensorBoard events, metrics.jsonl and summary.json. "
@@ -58,10 +74,28 @@ def main(argv):
     train.build(config)  # Validates every field before anything compiles.
   except ValueError as err:
     raise app.UsageError(str(err)) from None
-  summary = train.train_and_evaluate(config, workdir)
+  try:
+    summary = train.train_and_evaluate(config, workdir)
+  except train.Interrupted as err:
+    print(f"Stopped: {err}", file=sys.stderr)
+    sys.exit(130)
+  except (train.ConfigMismatchError, train.WorkdirBusyError, train.NonFiniteError,
+          checkpointing.CheckpointError) as err:
+    print(f"Error: {err}", file=sys.stderr)
+    sys.exit(1)
   print(_format_summary(summary))
   print(f"Summary written to {os.path.join(workdir, 'summary.json')}")
 
 
+def _parse_flags(argv):
+  """absl's parser, with unknown ``--config.`` fields reported without a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    sys.exit(f"FATAL Flags parsing error: {err}\nPass --help to see the flags.")
+  except (AttributeError, KeyError) as err:
+    sys.exit(_unknown_field(err))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -4,8 +4,10 @@ A thin layer over ``orbax.checkpoint.CheckpointManager`` (the ``args=`` API with
 a ``preservation_policy``). What it adds is the policy researchers expect:
 
 * resume from the newest checkpoint that restores;
-* a checkpoint that fails to restore (partial write, corrupt file) is reported
-  and skipped, never deleted or overwritten (it stays on disk for inspection);
+* a checkpoint that fails to restore (partial write, corrupt file) is reported,
+  skipped and moved to ``checkpoints_unreadable/`` beside the checkpoint
+  directory — never deleted, and never overwritten by the resumed run saving
+  the same step again (an ``.N`` suffix keeps repeated failures apart);
 * the train state is saved with a small JSON record of the run (step, config).
 """
 
@@ -81,9 +83,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
     except Exception as err:  # pylint: disable=broad-except
       # Orbax raises a variety of errors for partial or corrupt files.
       message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+      kept_at = _set_aside(manager, step)
       logging.warning("Checkpoint at step %d in %s could not be restored (%s); it is "
-                      "left in place for inspection, trying an older one.",
-                      step, manager.directory, message)
+                      "kept for inspection at %s; trying an older one.",
+                      step, manager.directory, message, kept_at)
+      print(f"WARNING: checkpoint at step {step} could not be restored ({message}); "
+            f"kept for inspection at {kept_at}.", flush=True)
       failures.append((step, message))
       continue
     if failures:
@@ -93,7 +98,25 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
   raise CheckpointError(
       f"None of the checkpoints in {manager.directory} could be restored: "
       + "; ".join(f"step {s}: {m}" for s, m in failures)
-      + ". They are left in place; move them away to start afresh.")
+      + f". They are kept in {_unreadable_dir(manager)}; rerun to start afresh.")
+
+
+def _unreadable_dir(manager: ocp.CheckpointManager) -> str:
+  directory = os.fspath(manager.directory)
+  return os.path.join(os.path.dirname(directory.rstrip(os.sep)), "checkpoints_unreadable")
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves an unreadable step out of the manager's view; returns where it now lies."""
+  source = os.path.join(os.fspath(manager.directory), str(step))
+  target_dir = _unreadable_dir(manager)
+  os.makedirs(target_dir, exist_ok=True)
+  target, n = os.path.join(target_dir, str(step)), 1
+  while os.path.exists(target):
+    target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+  os.rename(source, target)
+  manager.reload()
+  return target
 
 
 def abstract_like(tree: Any) -> Any:

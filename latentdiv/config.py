@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 250
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 3
+  # Stop the run after this many consecutive steps with a non-finite loss or
+  # gradient (each such step is skipped: parameters unchanged).
+  c.train.max_nonfinite_steps = 10
 
   # Evaluation: samples per latent on a fixed evaluation set.
   c.eval = ml_collections.ConfigDict()
@@ -140,7 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "seq_pg.num_rollouts", "train.batch_size", "train.num_steps",
                "train.log_every", "train.eval_every", "train.checkpoint_every",
                "train.keep_checkpoints", "eval.batch_size", "objective.jsd_prefix_len",
-               "task.num_divergent", "task.shift", "task.min_len"):
+               "task.num_divergent", "task.shift", "task.min_len",
+               "train.max_nonfinite_steps"):
     _positive_int(config, path)
   for path in ("objective.lambda_jsd", "seq_pg.lambda_pg", "optim.weight_decay",
                "optim.grad_clip_norm"):

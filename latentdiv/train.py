@@ -15,10 +15,13 @@ steps or latents.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import json
 import os
+import signal
+import socket
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -52,6 +55,9 @@ class TrainState:
     rng: PRNG key (raw uint32[2]) for the step's sampling.
     extra: estimator state carried across steps (EMA baseline, control-variate
       fit); a dict of arrays, empty when unused.
+    nonfinite_streak: consecutive steps (ending now) whose loss or gradient was
+      not finite; such a step leaves params, opt_state and extra unchanged.
+    nonfinite_total: all such steps of the run.
   """
 
   step: jax.Array
@@ -59,6 +65,8 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   extra: dict
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
 
 
 class Setup(NamedTuple):
@@ -139,7 +147,8 @@ def init_state(setup: Setup) -> TrainState:
   params = model_lib.init_params(setup.model, init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=setup.optimizer.init(params), rng=rng,
-                    extra=_init_extra(setup))
+                    extra=_init_extra(setup), nonfinite_streak=jnp.zeros((), jnp.int32),
+                    nonfinite_total=jnp.zeros((), jnp.int32))
 
 
 def _init_extra(setup: Setup) -> dict:
@@ -215,8 +224,19 @@ def make_train_step(setup: Setup):
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux["grad_norm"] = optax.global_norm(grads)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              rng=rng, extra=extra)
+    # A non-finite loss or gradient skips the update: params, optimiser and
+    # estimator state stay as they were (optax.apply_if_finite checks only the
+    # gradients and eventually applies them anyway; we stop the run instead).
+    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(aux["grad_norm"])
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    aux["nonfinite_steps"] = state.nonfinite_total + (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1, rng=rng,
+        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        extra=keep(extra, state.extra), nonfinite_streak=streak,
+        nonfinite_total=aux["nonfinite_steps"])
     return new_state, aux
 
   return train_step
@@ -284,6 +304,137 @@ def _config_record(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Config fields that change the shapes or structure of the train state: a resume
+# with a different value cannot restore the checkpoint, so it is refused up front.
+STRUCTURAL_FIELDS = ("task", "model", "seq_pg.lambda_pg", "seq_pg.baseline",
+                     "seq_pg.rollout_len", "optim.grad_clip_norm")
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in record.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def structural_differences(old: dict, new: dict) -> list[str]:
+  """``'field: old -> new'`` for every structural field that differs between two config records."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  diffs = []
+  for path in sorted(set(old_flat) | set(new_flat)):
+    if not any(path == f or path.startswith(f + ".") for f in STRUCTURAL_FIELDS):
+      continue
+    a, b = old_flat.get(path), new_flat.get(path)
+    if path == "seq_pg.lambda_pg":  # Only whether the term is on changes the state.
+      a, b = a is not None and a > 0, b is not None and b > 0
+      path = "seq_pg.lambda_pg > 0"
+    if a != b:
+      diffs.append(f"{path}: {a!r} -> {b!r}")
+  return diffs
+
+
+class ConfigMismatchError(ValueError):
+  """A resume whose config changes the structure of the checkpointed state."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process is training in the same workdir."""
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Interrupted(Exception):
+  """SIGTERM or SIGINT arrived; a checkpoint was saved before stopping."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds ``WORKDIR/.lock`` (pid and host) for the duration of a run.
+
+  A second run on the same workdir refuses to start while the first is alive.
+  A lock left behind by a killed run (its pid no longer exists on this host)
+  is taken over with a warning.
+  """
+  path = os.path.join(workdir, ".lock")
+  host = socket.gethostname()
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          owner = json.load(f)
+      except (OSError, ValueError):
+        owner = {}
+      pid, owner_host = owner.get("pid"), owner.get("host")
+      alive = False
+      if isinstance(pid, int) and owner_host == host:
+        try:
+          os.kill(pid, 0)
+          alive = True
+        except ProcessLookupError:
+          alive = False
+        except PermissionError:
+          alive = True
+      elif owner_host not in (None, host):
+        alive = True  # Cannot check a process on another host: assume it runs.
+      if alive:
+        raise WorkdirBusyError(
+            f"Another run (pid {pid} on {owner_host}) is using workdir {workdir!r}. "
+            f"Wait for it, stop it, or choose another --workdir. If no such run "
+            f"exists, delete {path}.") from None
+      logging.warning("Taking over the stale lock of a stopped run (pid %s) in %s.",
+                      pid, workdir)
+      os.remove(path)
+  else:
+    raise WorkdirBusyError(f"Could not acquire {path}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(dict(pid=os.getpid(), host=host), f)
+  try:
+    yield
+  finally:
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      pass
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+  received = []
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    received.append(signum)
+
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      previous[sig] = signal.signal(sig, handler)
+  try:
+    yield received
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def _truncate_log(path: str, last_step: int) -> None:
+  """Drops log lines past ``last_step`` (written after the checkpoint a run resumes from)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from ``workdir`` if it holds a checkpoint), evaluates, writes the summary.
 
@@ -292,34 +443,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   and ``summary.json`` with at least ``coverage``, ``validity`` (per latent),
   ``latent_usage``, ``nmi``, ``token_jsd``, ``nll``, ``steps``.
 
+  Reliability: the config is validated before anything compiles; a second run
+  on a busy workdir is refused (``WorkdirBusyError``); a resume whose config
+  changes the state's structure is refused with the differing fields named;
+  an unreadable newest checkpoint is reported and an older one used; SIGTERM
+  and SIGINT save a checkpoint and raise ``Interrupted``; a step with a
+  non-finite loss or gradient leaves the parameters unchanged, and
+  ``train.max_nonfinite_steps`` of them in a row raise ``NonFiniteError``.
+
   Returns:
     The summary dict.
   """
   setup = build(config)  # Validation happens here, before anything compiles.
-  is_lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                       config.train.keep_checkpoints,
+  with workdir_lock(workdir):
+    return _train_and_evaluate(setup, workdir)
+
+
+def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
+  config = setup.config
+  is_lead = jax.process_index() == 0
+  record = _config_record(config)
+  config_path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  manager = checkpointing.make_manager(ckpt_dir, config.train.keep_checkpoints,
                                        config.train.checkpoint_every)
+  if manager.all_steps() and os.path.exists(config_path):
+    with open(config_path) as f:
+      diffs = structural_differences(json.load(f), record)
+    if diffs:
+      raise ConfigMismatchError(
+          f"The config differs from the one the checkpoints in {workdir!r} were written "
+          f"with, in fields that change the train state: {'; '.join(diffs)}. Use the "
+          f"original values or a new --workdir.")
   state = init_state(setup)
   restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  log_path = os.path.join(workdir, "metrics.jsonl")
   if restored is not None:
     state, _, ckpt_step = restored
-    logging.info("Resumed from checkpoint at step %d in %s.", ckpt_step, workdir)
     print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
+    if is_lead:
+      _truncate_log(log_path, ckpt_step)
   if is_lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(_config_record(config), f, indent=2)
+    with open(config_path, "w") as f:
+      json.dump(record, f, indent=2)
 
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
   writer = SummaryWriter(workdir) if is_lead else None
   train_step = make_train_step(setup)
   evaluate, _ = make_evaluate(setup)
   num_steps = config.train.num_steps
-  log_path = os.path.join(workdir, "metrics.jsonl")
   step = int(state.step)
   last_time, last_step = time.time(), step
   pending = None  # Metrics of the previous step, pulled to the host one step late.
+  streak = None  # The previous step's count of consecutive non-finite steps.
 
   def log_train(step_done, aux):
     nonlocal last_time, last_step
@@ -348,17 +525,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"usage {[round(v, 2) for v in result['latent_usage']]}", flush=True)
     return result
 
-  while step < num_steps:
-    state, aux = train_step(state)  # Dispatch; the device runs ahead of the host.
-    step += 1
-    if pending is not None:
-      log_train(*pending)
-      pending = None
-    if step % config.train.log_every == 0 or step == num_steps:
-      pending = (step, aux)
-    if step % config.train.eval_every == 0 and step != num_steps:
-      run_eval(step)
-    checkpointing.save(manager, step, state, dict(step=step))
+  with _stop_on_signals() as signals:
+    while step < num_steps:
+      state, aux = train_step(state)  # Dispatch; the device runs ahead of the host.
+      step += 1
+      if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
+        manager.wait_until_finished()
+        latest = manager.latest_step()
+        raise NonFiniteError(
+            f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
+            f"loss or gradient (parameters were left unchanged by each). The newest "
+            f"checkpoint is step {latest} in {ckpt_dir}. Lower optim.learning_rate or "
+            f"inspect the inputs, then rerun to resume from it.")
+      streak = state.nonfinite_streak
+      if pending is not None:
+        log_train(*pending)
+        pending = None
+      if step % config.train.log_every == 0 or step == num_steps:
+        pending = (step, aux)
+      if step % config.train.eval_every == 0 and step != num_steps:
+        run_eval(step)
+      checkpointing.save(manager, step, state, dict(step=step))
+      if signals:
+        if manager.latest_step() != step:
+          checkpointing.save(manager, step, state, dict(step=step), force=True)
+        manager.wait_until_finished()
+        manager.close()
+        name = signal.Signals(signals[0]).name
+        print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; "
+              f"rerun the same command to resume.", flush=True)
+        raise Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
   if pending is not None:
     log_train(*pending)
   if not manager.all_steps() or manager.latest_step() != step:
@@ -377,6 +573,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       seq_kl_stderr=result["seq_kl_stderr"],
       assignment=result["assignment"],
       confusion=result["confusion"],
+      nonfinite_steps=int(state.nonfinite_total),
       task=config.task.name,
   )
   if is_lead:
