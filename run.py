@@ -59,6 +59,10 @@ def _format_summary(summary: dict) -> str:
       f"± {summary['seq_kl_stderr']:.3f}",
       f"  token JSD: {summary['token_jsd']:.4f}   NLL/token: {summary['nll']:.4f}",
   ]
+  if summary["task"] == "transduction":
+    lines.append(f"  greedy exact match: {summary['exact_match']:.1%}   mean edit distance: "
+                 f"{summary['edit_distance']:.3f}   KL(q || p): "
+                 f"{summary['kl_payoff_to_model']:.3f}")
   return "\n".join(lines)
 
 

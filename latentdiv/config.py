@@ -12,6 +12,7 @@ import ml_collections
 
 from latentdiv import divergences
 from latentdiv import estimators
+from latentdiv import raml
 from latentdiv import reconstruction
 from latentdiv import tasks
 from latentdiv import vocab
@@ -25,6 +26,7 @@ JSD_WEIGHTINGS = divergences.WEIGHTINGS
 ESTIMATORS = estimators.ESTIMATORS
 BASELINED = estimators.BASELINED_ESTIMATORS
 BASELINES = ("none", "leave_one_out", "ema", "jsd")
+TARGETS = ("data", "label_smoothing", "raml")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 
@@ -64,6 +66,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.lambda_jsd = 0.1
   c.objective.jsd_weighting = "uniform"
   c.objective.jsd_prefix_len = 4  # the 'prefix' weighting's L.
+  # What the reconstruction term scores: the data y* ('data', maximum likelihood),
+  # token-level label-smoothed targets, or RAML samples y ~ q(y | y*; tau) (DESIGN §8).
+  c.objective.targets = "data"
+
+  # Label smoothing and RAML (used when objective.targets is one of them).
+  c.raml = ml_collections.ConfigDict()
+  c.raml.epsilon = 0.1  # label smoothing weight of the uniform prior over content tokens.
+  c.raml.tau = 0.8  # payoff temperature.
+  c.raml.convention = "rescaled"  # 'rescaled' is what the paper's tau values mean.
+  c.raml.reward = "hamming"  # 'hamming' (exact sampler) or 'edit' (approximate).
+  c.raml.num_samples = 4  # N samples per example, drawn inside the jitted step.
 
   # Sequence-level inter-latent KL by prefix rollouts (DESIGN §5); off when lambda_pg = 0.
   c.seq_pg = ml_collections.ConfigDict()
@@ -144,7 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "train.log_every", "train.eval_every", "train.checkpoint_every",
                "train.keep_checkpoints", "eval.batch_size", "objective.jsd_prefix_len",
                "task.num_divergent", "task.shift", "task.min_len",
-               "train.max_nonfinite_steps"):
+               "train.max_nonfinite_steps", "raml.num_samples"):
     _positive_int(config, path)
   for path in ("objective.lambda_jsd", "seq_pg.lambda_pg", "optim.weight_decay",
                "optim.grad_clip_norm"):
@@ -157,6 +170,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "task.transform", TRANSFORMS)
   _one_of(config, "objective.reconstruction", RECONSTRUCTIONS)
   _one_of(config, "objective.jsd_weighting", JSD_WEIGHTINGS)
+  _one_of(config, "objective.targets", TARGETS)
+  _one_of(config, "raml.convention", raml.CONVENTIONS)
+  _one_of(config, "raml.reward", raml.REWARDS)
+  if not 0 <= config.raml.epsilon <= 1:
+    raise ValueError(f"config.raml.epsilon must be in [0, 1], got {config.raml.epsilon!r}.")
+  if not config.raml.tau > 0:
+    raise ValueError(f"config.raml.tau must be > 0, got {config.raml.tau!r}.")
   _one_of(config, "seq_pg.estimator", ESTIMATORS)
   _one_of(config, "seq_pg.baseline", BASELINES)
   _one_of(config, "optim.schedule", SCHEDULES)
@@ -170,8 +190,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.seq_pg.ema_decay must be in [0, 1), got {config.seq_pg.ema_decay!r}.")
   k = config.model.num_latents
-  if k < 2:
-    raise ValueError(f"config.model.num_latents (K) must be >= 2, got {k}.")
+  divergence_on = config.objective.lambda_jsd > 0 or config.seq_pg.lambda_pg > 0
+  if k < 2 and divergence_on:
+    raise ValueError(
+        f"config.model.num_latents (K) must be >= 2 when a divergence term is on "
+        f"(objective.lambda_jsd > 0 or seq_pg.lambda_pg > 0), got {k}.")
   if config.model.d_model % config.model.num_heads:
     raise ValueError(
         f"config.model.num_heads={config.model.num_heads} must divide "

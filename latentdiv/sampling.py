@@ -48,10 +48,11 @@ class Rollout(NamedTuple):
   logprobs: jax.Array | None = None
 
 
-@functools.partial(jax.jit, static_argnames=("model", "length", "return_logprobs"))
+@functools.partial(jax.jit, static_argnames=("model", "length", "return_logprobs", "greedy"))
 def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
            latent_B: jax.Array, key: chex.PRNGKey, length: int,
-           temperature: float = 1.0, return_logprobs: bool = False) -> Rollout:
+           temperature: float = 1.0, return_logprobs: bool = False,
+           greedy: bool = False) -> Rollout:
   """Samples ``length`` tokens per row from p_θ(· | x, z), cached and scanned.
 
   Args:
@@ -63,6 +64,8 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
     length: L, the number of tokens to draw (static).
     temperature: softmax temperature (1 = the model's distribution).
     return_logprobs: also return the [B, L, V] log-distributions.
+    greedy: take the argmax token instead of sampling (static; ``logp`` is
+      then the log-probability of the argmax under the model).
 
   Returns:
     A ``Rollout`` with leaves [B, L] (and [B, L, V]).
@@ -78,7 +81,10 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
   def step(carry, t):
     logits_BxV, cache, done = carry
     logprobs = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
-    token = jax.random.categorical(jax.random.fold_in(key, t), logprobs, axis=-1)
+    if greedy:
+      token = jnp.argmax(logprobs, axis=-1)
+    else:
+      token = jax.random.categorical(jax.random.fold_in(key, t), logprobs, axis=-1)
     valid = jnp.logical_not(done)
     token = jnp.where(valid, token, vocab.PAD).astype(jnp.int32)
     logp = jnp.where(valid, jnp.take_along_axis(logprobs, token[:, None], -1)[:, 0], 0.0)
@@ -99,7 +105,7 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
 
 def sample_latents(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
                    key: chex.PRNGKey, length: int, temperature: float = 1.0,
-                   return_logprobs: bool = False) -> Rollout:
+                   return_logprobs: bool = False, greedy: bool = False) -> Rollout:
   """One rollout per (example, latent): ``sample`` vmapped over the K latents.
 
   Returns:
@@ -113,7 +119,7 @@ def sample_latents(model: model_lib.LatentTransformer, params, prompt_BxP: jax.A
 
   def one_latent(latent, k):
     return sample(model, params, prompt_BxP, jnp.full((batch,), latent, jnp.int32), k,
-                  length, temperature, return_logprobs)
+                  length, temperature, return_logprobs, greedy)
 
   rollout = jax.vmap(one_latent)(latents_K, keys_K)
   return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), rollout)

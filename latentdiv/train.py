@@ -38,10 +38,12 @@ from latentdiv import config as config_lib
 from latentdiv import divergences
 from latentdiv import metrics as metrics_lib
 from latentdiv import model as model_lib
+from latentdiv import raml
 from latentdiv import reconstruction
 from latentdiv import sampling
 from latentdiv import seq_kl
 from latentdiv import tasks as tasks_lib
+from latentdiv import vocab
 
 
 @flax.struct.dataclass
@@ -171,18 +173,69 @@ def latent_logits(setup: Setup, params, prompt_BxP, target_BxT) -> jax.Array:
   return jax.vmap(one, out_axes=1)(jnp.arange(setup.model.config.num_latents))
 
 
-def teacher_forced_terms(setup: Setup, params, batch: tasks_lib.Batch):
-  """Reconstruction and token-JSD terms of the loss on a batch (DESIGN §3–4)."""
+def content_alphabet(setup: Setup) -> tuple[int, int]:
+  """The id range ``[lo, hi)`` of content tokens (what RAML samplers may write)."""
+  return vocab.FIRST_CONTENT, setup.task.vocab_size
+
+
+def _loglik_BxK(logits_BxKxTxV, target_BxT, mask_BxT):
+  return jax.vmap(jax.vmap(reconstruction.sequence_log_likelihood, (0, None, None)))(
+      logits_BxKxTxV, target_BxT, mask_BxT)
+
+
+def reconstruction_loglik(setup: Setup, params, batch: tasks_lib.Batch, logits_BxKxTxV,
+                          key) -> jax.Array:
+  """The [B, K] per-latent log-likelihood terms the reconstruction loss is built from.
+
+  ``objective.targets`` chooses what they score (DESIGN §3, §8):
+
+  * ``data``: ``log p_k(y* | x)``;
+  * ``label_smoothing``: ``−CE((1−ε)·onehot(y*) + ε·π, p_k)`` summed over tokens;
+  * ``raml``: ``(1/N) Σ_n log p_k(y⁽ⁿ⁾ | x)`` with ``y⁽ⁿ⁾ ~ q(· | y*; τ)`` drawn
+    here, inside the jitted step (``raml.sample_raml_targets``).
+  """
+  objective = setup.config.objective
+  r = setup.config.raml
+  if objective.targets == "data":
+    return _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
+  if objective.targets == "label_smoothing":
+    smoothed = functools.partial(raml.label_smoothing_loss, epsilon=r.epsilon,
+                                 prior="uniform", alphabet=content_alphabet(setup))
+    return -jax.vmap(jax.vmap(smoothed, (0, None, None)))(
+        logits_BxKxTxV, batch.target, batch.target_mask)
+  editable = jax.vmap(raml.editable_mask)(batch.target)
+  samples = raml.sample_raml_targets(key, batch.target, editable, r.num_samples,
+                                     content_alphabet(setup), r.tau, r.convention,
+                                     reward=r.reward).tokens  # [B, N, T]
+  masks = jax.vmap(jax.vmap(raml.output_mask))(samples)
+  batch_size, num_samples, t_len = samples.shape
+  flat = lambda a: a.reshape((batch_size * num_samples,) + a.shape[2:])  # noqa: E731
+  logits = latent_logits(setup, params, jnp.repeat(batch.prompt, num_samples, axis=0),
+                         flat(samples))
+  loglik = _loglik_BxK(logits, flat(samples), flat(masks))
+  return jnp.mean(loglik.reshape(batch_size, num_samples, -1), axis=1)
+
+
+def teacher_forced_terms(setup: Setup, params, batch: tasks_lib.Batch, key=None):
+  """Reconstruction and token-JSD terms of the loss on a batch (DESIGN §3–4, §8).
+
+  Returns:
+    (data logits [B, K, T, V], ``ReconstructionOutput``, ``TokenJSD`` batched,
+    NLL per token of the best latent on the data).
+  """
   cfg = setup.config.objective
   logits_BxKxTxV = latent_logits(setup, params, batch.prompt, batch.target)
-  loglik_BxK = jax.vmap(jax.vmap(reconstruction.sequence_log_likelihood, (0, None, None)))(
-      logits_BxKxTxV, batch.target, batch.target_mask)
+  data_loglik = _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
+  if cfg.targets == "data" or key is None:
+    loglik_BxK = data_loglik
+  else:
+    loglik_BxK = reconstruction_loglik(setup, params, batch, logits_BxKxTxV, key)
   rec = reconstruction.reconstruction_loss(cfg.reconstruction, loglik_BxK)
   jsd_fn = functools.partial(divergences.token_jsd, weighting=cfg.jsd_weighting,
                              prefix_len=cfg.jsd_prefix_len)
   jsd = jax.vmap(jsd_fn)(logits_BxKxTxV, batch.target_mask)
   num_tokens = jnp.maximum(jnp.sum(batch.target_mask), 1)
-  best_nll = -jnp.sum(jnp.max(loglik_BxK, axis=1)) / num_tokens
+  best_nll = -jnp.sum(jnp.max(data_loglik, axis=1)) / num_tokens
   return logits_BxKxTxV, rec, jsd, best_nll
 
 
@@ -200,7 +253,8 @@ def make_train_step(setup: Setup):
   use_pg = config.seq_pg.lambda_pg > 0
 
   def loss_fn(params, state, batch, key):
-    logits, rec, jsd, best_nll = teacher_forced_terms(setup, params, batch)
+    raml_key, key = jax.random.split(key)
+    logits, rec, jsd, best_nll = teacher_forced_terms(setup, params, batch, raml_key)
     token_jsd = jnp.mean(jsd.value)
     loss = rec.loss - config.objective.lambda_jsd * token_jsd
     aux = dict(rec_loss=rec.loss, token_jsd=token_jsd, nll_per_token=best_nll,
@@ -253,14 +307,14 @@ def make_evaluate(setup: Setup):
   task = setup.task
   eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
   batch = task.sample(eval_key, config.eval.batch_size)
-  temperature = 1e-6 if config.eval.greedy else 1.0
   num_latents = setup.model.config.num_latents
+  lo, hi = content_alphabet(setup)
 
   @jax.jit
   def evaluate(params):
     rollout = sampling.sample_latents(setup.model, params, batch.prompt,
                                       jax.random.fold_in(eval_key, 1), task.target_len,
-                                      temperature)
+                                      greedy=config.eval.greedy)
     matches = metrics_lib.match_strategies(rollout.tokens, batch.valid_outputs)
     coverage = metrics_lib.strategy_coverage(matches, task.num_strategies)
     _, rec, jsd, best_nll = teacher_forced_terms(setup, params, batch)
@@ -269,7 +323,33 @@ def make_evaluate(setup: Setup):
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits),
                                rollout.tokens[:, :, None, :, None], -1)[..., 0]
     kl = metrics_lib.mc_sequence_kl(logp, rollout.mask)
+    # Transduction metrics (DESIGN §9): greedy decodes of the best latent on the data.
+    greedy = sampling.sample_latents(setup.model, params, batch.prompt, eval_key,
+                                     task.target_len, greedy=True)
+    best = rec.winners[:, None, None]
+    decoded = jnp.take_along_axis(greedy.tokens, best, axis=1)[:, 0]
+    content_len = lambda y: jnp.sum(raml.editable_mask(y))  # noqa: E731
+    distance = jax.vmap(lambda a, b: raml.edit_distance(a, content_len(a), b, content_len(b)))(
+        decoded, batch.target)
+    # KL(q || p) of the payoff distribution to the model (RAML's distillation view).
+    editable = jax.vmap(raml.editable_mask)(batch.target)
+    r = config.raml
+    q_samples = raml.sample_raml_targets(jax.random.fold_in(eval_key, 2), batch.target,
+                                         editable, 4, (lo, hi), r.tau, r.convention).tokens
+    log_q = jax.vmap(jax.vmap(raml.hamming_log_prob, (0, None, None, None, None, None)),
+                     (0, 0, 0, None, None, None))(q_samples, batch.target, editable,
+                                                  (lo, hi), r.tau, r.convention)
+    n = q_samples.shape[1]
+    q_flat = q_samples.reshape((-1, q_samples.shape[-1]))
+    q_logits = model_lib.teacher_forced_logits(
+        setup.model, params, jnp.repeat(batch.prompt, n, axis=0), q_flat,
+        jnp.repeat(rec.winners, n, axis=0))
+    log_p = jax.vmap(raml.sequence_log_likelihood)(
+        q_logits, q_flat, jax.vmap(raml.output_mask)(q_flat)).reshape(log_q.shape)
     return dict(
+        exact_match=jnp.mean(metrics_lib.exact_match(decoded, batch.target)),
+        edit_distance=jnp.mean(distance),
+        kl_payoff_to_model=jnp.mean(log_q - log_p),
         validity=metrics_lib.per_latent_validity(matches),
         coverage=coverage.coverage,
         assignment=coverage.assignment,
@@ -574,6 +654,9 @@ def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
       assignment=result["assignment"],
       confusion=result["confusion"],
       nonfinite_steps=int(state.nonfinite_total),
+      exact_match=result["exact_match"],
+      edit_distance=result["edit_distance"],
+      kl_payoff_to_model=result["kl_payoff_to_model"],
       task=config.task.name,
   )
   if is_lead:

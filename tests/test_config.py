@@ -45,6 +45,12 @@ class ValidateTest(parameterized.TestCase):
       ("seq_pg__num_pairs", 7, r"seq_pg\.num_pairs must be in \[0, K\(K-1\) = 6\]"),
       ("seq_pg__num_pairs", -1, r"seq_pg\.num_pairs"),
       ("seq_pg__ema_decay", 1.0, r"seq_pg\.ema_decay must be in \[0, 1\)"),
+      ("objective__targets", "bleu", r"objective\.targets must be one of"),
+      ("raml__convention", "paper", r"raml\.convention must be one of"),
+      ("raml__reward", "bleu", r"raml\.reward must be one of"),
+      ("raml__tau", 0.0, r"raml\.tau must be > 0"),
+      ("raml__epsilon", 1.5, r"raml\.epsilon must be in \[0, 1\]"),
+      ("raml__num_samples", 0, r"raml\.num_samples"),
       ("optim__learning_rate", 0.0, r"optim\.learning_rate must be a positive"),
       ("optim__schedule", "linear", r"optim\.schedule must be one of"),
       ("optim__grad_clip_norm", -1.0, r"optim\.grad_clip_norm"),
@@ -55,6 +61,13 @@ class ValidateTest(parameterized.TestCase):
   def test_rule(self, path, value, match):
     config = _config(**{path: value})
     with self.assertRaisesRegex(ValueError, match):
+      config_lib.validate(config)
+
+  def test_one_latent_only_without_divergence_terms(self):
+    config = _config(model__num_latents=1, objective__lambda_jsd=0.0)
+    config_lib.validate(config)  # Plain maximum likelihood / RAML with K = 1.
+    config.seq_pg.lambda_pg = 0.1
+    with self.assertRaisesRegex(ValueError, r"model\.num_latents \(K\) must be >= 2"):
       config_lib.validate(config)
 
   def test_leave_one_out_needs_two_rollouts(self):

@@ -109,6 +109,23 @@ class TrainStepTest(parameterized.TestCase):
     for marker in ("callback", "host_compute", "outfeed"):
       self.assertNotIn(marker, hlo.lower())
 
+  @parameterized.parameters("raml", "label_smoothing")
+  def test_raml_and_label_smoothing_steps(self, targets):
+    config = tiny_config()
+    config.task.name = "transduction"
+    config.model.num_latents = 1
+    config.objective.lambda_jsd = 0.0
+    config.objective.targets = targets
+    setup = train.build(config)
+    state = train.init_state(setup)
+    step = train.make_train_step(setup)
+    losses = []
+    for _ in range(8):
+      state, metrics = step(state)
+      losses.append(float(metrics["rec_loss"]))
+    self.assertEqual(step._cache_size(), 1)
+    self.assertLess(np.mean(losses[-3:]), np.mean(losses[:3]))
+
   def test_pg_weight_schedule(self):
     config = tiny_config(lambda_pg=2.0, warmup_steps=10, ramp_steps=4)
     weights = [float(train.pg_weight(config, s)) for s in (0, 9, 10, 11, 13, 100)]
