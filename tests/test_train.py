@@ -126,6 +126,22 @@ class TrainStepTest(parameterized.TestCase):
     self.assertEqual(step._cache_size(), 1)
     self.assertLess(np.mean(losses[-3:]), np.mean(losses[:3]))
 
+  def test_bfloat16_compute_keeps_float32_params_and_a_close_loss(self):
+    config = tiny_config()
+    setup32 = train.build(config)
+    config.model.dtype = "bfloat16"
+    setup16 = train.build(config)
+    state = train.init_state(setup32)
+    batch = setup32.task.sample(jax.random.PRNGKey(0), 16)
+    _, rec32, jsd32, _ = train.teacher_forced_terms(setup32, state.params, batch)
+    _, rec16, jsd16, _ = train.teacher_forced_terms(setup16, state.params, batch)
+    self.assertEqual(rec16.loss.dtype, np.float32)
+    np.testing.assert_allclose(rec16.loss, rec32.loss, rtol=2e-2)
+    np.testing.assert_allclose(jsd16.value, jsd32.value, atol=2e-2)
+    new_state, _ = train.make_train_step(setup16)(train.init_state(setup16))
+    for leaf in jax.tree_util.tree_leaves(new_state.params):
+      self.assertEqual(leaf.dtype, np.float32)
+
   def test_pg_weight_schedule(self):
     config = tiny_config(lambda_pg=2.0, warmup_steps=10, ramp_steps=4)
     weights = [float(train.pg_weight(config, s)) for s in (0, 9, 10, 11, 13, 100)]
