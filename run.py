@@ -74,12 +74,19 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  if "distill" in config:  # On-policy distillation (latentdiv/distill.py).
+    from latentdiv import distill  # pylint: disable=import-outside-toplevel
+    build, train_and_evaluate, format_summary = (
+        distill.build, distill.train_and_evaluate, distill.format_summary)
+  else:
+    build, train_and_evaluate, format_summary = (
+        train.build, train.train_and_evaluate, _format_summary)
   try:
-    train.build(config)  # Validates every field before anything compiles.
+    build(config)  # Validates every field before anything compiles.
   except ValueError as err:
     raise app.UsageError(str(err)) from None
   try:
-    summary = train.train_and_evaluate(config, workdir)
+    summary = train_and_evaluate(config, workdir)
   except train.Interrupted as err:
     print(f"Stopped: {err}", file=sys.stderr)
     sys.exit(130)
@@ -87,7 +94,7 @@ def main(argv):
           checkpointing.CheckpointError) as err:
     print(f"Error: {err}", file=sys.stderr)
     sys.exit(1)
-  print(_format_summary(summary))
+  print(format_summary(summary))
   print(f"Summary written to {os.path.join(workdir, 'summary.json')}")
 
 

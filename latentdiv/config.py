@@ -8,6 +8,8 @@ field, its value and what is allowed.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from latentdiv import divergences
@@ -125,8 +127,15 @@ def _positive_int(config, path):
 
 def _non_negative(config, path, kind=(int, float)):
   value = _get(config, path)
-  if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
-    raise ValueError(f"config.{path} must be a non-negative number, got {value!r}.")
+  if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+      or value < 0):
+    raise ValueError(f"config.{path} must be a non-negative number (finite), got {value!r}.")
+
+
+def _finite_number(config, path):
+  value = _get(config, path)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"config.{path} must be a finite number, got {value!r}.")
 
 
 def _one_of(config, path, allowed):
@@ -173,6 +182,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "objective.targets", TARGETS)
   _one_of(config, "raml.convention", raml.CONVENTIONS)
   _one_of(config, "raml.reward", raml.REWARDS)
+  for path in ("raml.epsilon", "raml.tau", "seq_pg.ema_decay", "optim.learning_rate"):
+    _finite_number(config, path)
+  if not isinstance(config.eval.greedy, bool):
+    raise ValueError(f"config.eval.greedy must be True or False, got {config.eval.greedy!r}.")
   if not 0 <= config.raml.epsilon <= 1:
     raise ValueError(f"config.raml.epsilon must be in [0, 1], got {config.raml.epsilon!r}.")
   if not config.raml.tau > 0:

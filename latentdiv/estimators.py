@@ -406,6 +406,9 @@ def opd_surrogate(estimator: str,
   References:
     DESIGN.md §6; seed 002 Theorem 1.
   """
+  names = "student_logits_LxV, teacher_logits_LxV, tokens_L"
+  _assert_rank([student_logits_LxV, teacher_logits_LxV, tokens_L], [2, 2, 1], names)
+  _assert_equal_shape([student_logits_LxV, teacher_logits_LxV], names)
   return -sequence_kl_surrogate_from_logits(
       estimator,
       student_logits_LxV,

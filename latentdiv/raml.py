@@ -759,10 +759,10 @@ def sequence_log_likelihood(logits_TxV: Array, tokens_T: Array, mask_T: Array) -
   Returns:
     Float scalar log p(y | x).
   """
-  chex.assert_rank(logits_TxV, 2)
-  chex.assert_rank([tokens_T, mask_T], 1)
-  chex.assert_equal_shape([tokens_T, mask_T])
-  chex.assert_equal_shape_prefix([logits_TxV, tokens_T], 1)
+  names = "arguments: logits_TxV, tokens_T, mask_T"
+  chex.assert_rank([logits_TxV, tokens_T, mask_T], [2, 1, 1], custom_message=names)
+  chex.assert_equal_shape([tokens_T, mask_T], custom_message=names)
+  chex.assert_equal_shape_prefix([logits_TxV, tokens_T], 1, custom_message=names)
   log_probs = jax.nn.log_softmax(logits_TxV, axis=-1)
   token_lp = jnp.take_along_axis(log_probs, tokens_T[:, None].astype(jnp.int32), axis=-1)[:, 0]
   return jnp.sum(jnp.where(mask_T.astype(bool), token_lp, 0.0))
@@ -792,14 +792,15 @@ def raml_loss(log_likelihoods_N: Array,
   References:
     DESIGN.md §8; Norouzi et al. (2016) eq. (8).
   """
-  chex.assert_rank(log_likelihoods_N, 1)
+  chex.assert_rank(log_likelihoods_N, 1, custom_message="log_likelihoods_N must be [N]")
   ll = log_likelihoods_N
   valid = jnp.ones(ll.shape, bool) if mask_N is None else mask_N.astype(bool)
-  chex.assert_equal_shape([ll, valid])
+  chex.assert_equal_shape([ll, valid], custom_message="arguments: log_likelihoods_N, mask_N")
   if weights_N is None:
     count = jnp.sum(valid.astype(ll.dtype))
     return -jnp.sum(jnp.where(valid, ll, 0.0)) / jnp.maximum(count, 1.0)
-  chex.assert_equal_shape([ll, weights_N])
+  chex.assert_equal_shape([ll, weights_N],
+                          custom_message="arguments: log_likelihoods_N, weights_N")
   w = jax.lax.stop_gradient(weights_N)
   return -jnp.sum(jnp.where(valid, w * ll, 0.0))
 
@@ -988,10 +989,10 @@ def label_smoothing_loss(logits_TxV: Array,
   References:
     DESIGN.md §8; Norouzi et al. (2016) §4 (relation to label smoothing).
   """
-  chex.assert_rank(logits_TxV, 2)
-  chex.assert_rank([targets_T, mask_T], 1)
-  chex.assert_equal_shape([targets_T, mask_T])
-  chex.assert_equal_shape_prefix([logits_TxV, targets_T], 1)
+  names = "arguments: logits_TxV, targets_T, mask_T"
+  chex.assert_rank([logits_TxV, targets_T, mask_T], [2, 1, 1], custom_message=names)
+  chex.assert_equal_shape([targets_T, mask_T], custom_message=names)
+  chex.assert_equal_shape_prefix([logits_TxV, targets_T], 1, custom_message=names)
   v = logits_TxV.shape[-1]
   pi_V = smoothing_prior(v, prior, alphabet, unigram)
   log_probs = jax.nn.log_softmax(logits_TxV, axis=-1)

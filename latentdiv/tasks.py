@@ -355,15 +355,16 @@ def transduction(alphabet_size: int = 8, prompt_len: int = 6, min_len: int = 2,
   if min_len > prompt_len:
     raise ValueError(f"min_len={min_len} must be <= prompt_len={prompt_len}.")
   target_len = prompt_len + 1
-  positions = jnp.arange(prompt_len)
 
   def prompt_fn(key):
+    positions = jnp.arange(prompt_len)
     key_len, key_tokens = jax.random.split(key)
     length = jax.random.randint(key_len, (), min_len, prompt_len + 1)
     tokens = _uniform_prompt(key_tokens, prompt_len, alphabet_size)
     return jnp.where(positions < length, tokens, vocab.PAD).astype(jnp.int32)
 
   def outputs_fn(prompt_P):
+    positions = jnp.arange(prompt_len)
     present = prompt_P != vocab.PAD
     length = present.sum()
     if transform == "copy":

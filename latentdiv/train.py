@@ -509,10 +509,18 @@ def _truncate_log(path: str, last_step: int) -> None:
   """Drops log lines past ``last_step`` (written after the checkpoint a run resumes from)."""
   if not os.path.exists(path):
     return
+  lines = []
   with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-  with open(path, "w") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # A line cut short by a kill.
+        continue
+      if record["step"] <= last_step:
+        lines.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
     f.writelines(lines)
+  os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -610,6 +618,8 @@ def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
       state, aux = train_step(state)  # Dispatch; the device runs ahead of the host.
       step += 1
       if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
+        if pending is not None:
+          log_train(*pending)
         manager.wait_until_finished()
         latest = manager.latest_step()
         raise NonFiniteError(
@@ -627,6 +637,8 @@ def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
         run_eval(step)
       checkpointing.save(manager, step, state, dict(step=step))
       if signals:
+        if pending is not None:
+          log_train(*pending)
         if manager.latest_step() != step:
           checkpointing.save(manager, step, state, dict(step=step), force=True)
         manager.wait_until_finished()
