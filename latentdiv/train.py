@@ -231,8 +231,11 @@ def teacher_forced_terms(setup: Setup, params, batch: tasks_lib.Batch, key=None)
   else:
     loglik_BxK = reconstruction_loglik(setup, params, batch, logits_BxKxTxV, key)
   rec = reconstruction.reconstruction_loss(cfg.reconstruction, loglik_BxK)
+  # jsd_prefix_len belongs to the 'prefix' weighting only ('uniform' is over all
+  # valid tokens); token_weights would also truncate 'uniform' if given it.
+  prefix_len = cfg.jsd_prefix_len if cfg.jsd_weighting == "prefix" else None
   jsd_fn = functools.partial(divergences.token_jsd, weighting=cfg.jsd_weighting,
-                             prefix_len=cfg.jsd_prefix_len)
+                             prefix_len=prefix_len)
   jsd = jax.vmap(jsd_fn)(logits_BxKxTxV, batch.target_mask)
   num_tokens = jnp.maximum(jnp.sum(batch.target_mask), 1)
   best_nll = -jnp.sum(jnp.max(data_loglik, axis=1)) / num_tokens
