@@ -1,0 +1,20 @@
+"""Seed-000 study, arm "+ seq_pg (trajectory)": token JSD plus plain REINFORCE on D.
+
+Loss: hard-EM − λ_jsd · Ĵ − w_pg(step) · D̂ with the whole-trajectory return
+``A_t = Σ_t' r_t'`` (estimator (i) of DESIGN.md §5.3), no baseline; w_pg is 0
+for 100 steps then ramps to λ_pg.
+
+    python run.py --config=experiments/configs/research_seq_traj.py:early \
+        --workdir=workdir/research/early/seq_traj/seed0 --config.seed=0
+    python run.py --config=experiments/configs/research_seq_traj.py:late \
+        --workdir=workdir/research/late/seq_traj/seed0 --config.seed=0
+
+The argument after ':' picks the task ('early' or 'late'; see
+research_common.py). ``python experiments/research.py`` runs all arms.
+"""
+
+from experiments.configs import research_common
+
+
+def get_config(task: str = "early"):
+  return research_common.with_seq_pg(research_common.base(task), "trajectory")
