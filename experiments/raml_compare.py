@@ -82,17 +82,28 @@ from latentdiv import train  # noqa: E402
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
 
-_ROOT = flags.DEFINE_string("root", "workdir/raml", "Directory of the runs.")
-_DOCS = flags.DEFINE_string("docs", os.path.join(_ROOT_DIR, "docs"),
+
+def _define_shared(define, name, *args, **kwargs):
+  """Defines a flag that experiments/research.py and raml_compare.py both have.
+
+  Both modules are imported by the test suite in one process; absl refuses a
+  second definition of the same name, so the second module reuses the first's.
+  """
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define(name, *args, **kwargs)
+
+
+_ROOT = _define_shared(flags.DEFINE_string, "root", "workdir/raml", "Directory of the runs.")
+_DOCS = _define_shared(flags.DEFINE_string, "docs", os.path.join(_ROOT_DIR, "docs"),
                             "Directory for the PNG plot.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per arm: 0..seeds-1.")
+_SEEDS = _define_shared(flags.DEFINE_integer, "seeds", 3, "Seeds per arm: 0..seeds-1.")
 _EPSILONS = flags.DEFINE_list("epsilons", ["0.1", "0.3"], "Label-smoothing weights ε.")
 _TAUS = flags.DEFINE_list("taus", ["0.6", "0.8"],
                           "RAML temperatures τ (convention 'rescaled').")
 _REWARDS = flags.DEFINE_list("rewards", ["hamming", "edit"], "RAML payoffs to run.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "Parallel training processes (1: in-process).")
-_NUM_STEPS = flags.DEFINE_integer(
-    "num_steps", 0, "Override train.num_steps (0: the config's value). For smoke tests.")
+_WORKERS = _define_shared(flags.DEFINE_integer, "workers", 2, "Parallel training processes (1: in-process).")
+_NUM_STEPS = _define_shared(flags.DEFINE_integer, "num_steps", 0, "Override train.num_steps (0: the config's value). For smoke tests.")
 _KL_TAU = flags.DEFINE_float("kl_tau", 0.8,
                              "τ (rescaled) of the Hamming payoff q of the table's KL(q || p).")
 _KL_SAMPLES = flags.DEFINE_integer("kl_samples", 16,
@@ -100,7 +111,7 @@ _KL_SAMPLES = flags.DEFINE_integer("kl_samples", 16,
 _XLA_FAST_COMPILE = flags.DEFINE_bool(
     "xla_fast_compile", True, f"Run the workers with XLA_FLAGS='{FAST_COMPILE_FLAGS}' "
     "(faster CPU compilation; turn off on an accelerator).")
-_AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False,
+_AGGREGATE_ONLY = _define_shared(flags.DEFINE_bool, "aggregate_only", False,
                                     "Only aggregate the finished runs under --root.")
 
 # Columns of the table: (key of the aggregated record, header, format).

@@ -61,16 +61,27 @@ import numpy as np  # noqa: E402
 
 from experiments.configs import research_common  # noqa: E402
 
-_ROOT = flags.DEFINE_string("root", "workdir/research", "Directory of the runs.")
-_DOCS = flags.DEFINE_string("docs", os.path.join(_ROOT_DIR, "docs"),
+
+def _define_shared(define, name, *args, **kwargs):
+  """Defines a flag that experiments/research.py and raml_compare.py both have.
+
+  Both modules are imported by the test suite in one process; absl refuses a
+  second definition of the same name, so the second module reuses the first's.
+  """
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define(name, *args, **kwargs)
+
+
+_ROOT = _define_shared(flags.DEFINE_string, "root", "workdir/research", "Directory of the runs.")
+_DOCS = _define_shared(flags.DEFINE_string, "docs", os.path.join(_ROOT_DIR, "docs"),
                             "Directory for the PNG plots.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per (task, arm): 0..seeds-1.")
+_SEEDS = _define_shared(flags.DEFINE_integer, "seeds", 3, "Seeds per (task, arm): 0..seeds-1.")
 _TASKS = flags.DEFINE_list("tasks", list(research_common.TASKS), "Tasks to run.")
 _ARMS = flags.DEFINE_list("arms", list(research_common.ARMS), "Arms to run.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "Parallel training processes (1: in-process).")
-_NUM_STEPS = flags.DEFINE_integer(
-    "num_steps", 0, "Override train.num_steps (0: the configs' value). For smoke tests.")
-_AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False,
+_WORKERS = _define_shared(flags.DEFINE_integer, "workers", 2, "Parallel training processes (1: in-process).")
+_NUM_STEPS = _define_shared(flags.DEFINE_integer, "num_steps", 0, "Override train.num_steps (0: the configs' value). For smoke tests.")
+_AGGREGATE_ONLY = _define_shared(flags.DEFINE_bool, "aggregate_only", False,
                                     "Only aggregate the finished runs under --root.")
 
 # Columns of the table: (key of the aggregated record, header, format).
