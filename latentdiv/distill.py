@@ -856,135 +856,138 @@ def _train_and_evaluate(setup: DistillSetup, workdir: str) -> dict:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   manager = checkpointing.make_manager(ckpt_dir, config.train.keep_checkpoints,
                                        config.train.checkpoint_every)
-  if manager.all_steps() and os.path.exists(config_path):
-    with open(config_path) as f:
-      diffs = structural_differences(json.load(f), record)
-    if diffs:
-      raise train.ConfigMismatchError(
-          f"The config differs from the one the checkpoints in {workdir!r} were written "
-          f"with, in fields that change the run: {'; '.join(diffs)}. Use the original "
-          f"values or a new --workdir.")
-  teacher_params = load_teacher_params(setup)
-  state = init_state(setup)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  log_path = os.path.join(workdir, "metrics.jsonl")
-  if restored is not None:
-    state, _, ckpt_step = restored
-    print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
+  # Close the manager on every path (errors included): an open Orbax manager
+  # can keep the interpreter from exiting.
+  try:
+    if manager.all_steps() and os.path.exists(config_path):
+      with open(config_path) as f:
+        diffs = structural_differences(json.load(f), record)
+      if diffs:
+        raise train.ConfigMismatchError(
+            f"The config differs from the one the checkpoints in {workdir!r} were written "
+            f"with, in fields that change the run: {'; '.join(diffs)}. Use the original "
+            f"values or a new --workdir.")
+    teacher_params = load_teacher_params(setup)
+    state = init_state(setup)
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    if restored is not None:
+      state, _, ckpt_step = restored
+      print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
+      if is_lead:
+        train._truncate_log(log_path, ckpt_step)
+    # Commit the state to the device the step's outputs live on: an uncommitted
+    # initial state would make the second call of the step compile again.
+    device = jax.local_devices()[0]
+    state = jax.device_put(state, device)
+    teacher_params = jax.device_put(teacher_params, device)
     if is_lead:
-      train._truncate_log(log_path, ckpt_step)
-  # Commit the state to the device the step's outputs live on: an uncommitted
-  # initial state would make the second call of the step compile again.
-  device = jax.local_devices()[0]
-  state = jax.device_put(state, device)
-  teacher_params = jax.device_put(teacher_params, device)
-  if is_lead:
-    with open(config_path, "w") as f:
-      json.dump(record, f, indent=2)
+      with open(config_path, "w") as f:
+        json.dump(record, f, indent=2)
 
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  writer = SummaryWriter(workdir) if is_lead else None
-  train_step = make_train_step(setup)
-  evaluate = make_evaluate(setup)
-  dkey, ekey = data_key(config), eval_key(config)
-  num_steps = config.train.num_steps
-  step = int(state.step)
-  pending, streak = None, None
-  last_time, last_step = time.time(), step
-  eval_seconds = 0.0
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    writer = SummaryWriter(workdir) if is_lead else None
+    train_step = make_train_step(setup)
+    evaluate = make_evaluate(setup)
+    dkey, ekey = data_key(config), eval_key(config)
+    num_steps = config.train.num_steps
+    step = int(state.step)
+    pending, streak = None, None
+    last_time, last_step = time.time(), step
+    eval_seconds = 0.0
 
-  def log_train(step_done, aux):
-    nonlocal last_time, last_step
-    now = time.time()
-    rate = (step_done - last_step) / max(now - last_time, 1e-9)
-    last_time, last_step = now, step_done
-    aux = {k: float(v) for k, v in jax.device_get(aux).items()}
+    def log_train(step_done, aux):
+      nonlocal last_time, last_step
+      now = time.time()
+      rate = (step_done - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, step_done
+      aux = {k: float(v) for k, v in jax.device_get(aux).items()}
+      if is_lead:
+        train._write_scalars(writer, step_done, aux, "train")
+        writer.add_scalar("train/steps_per_sec", rate, step_done)
+        with open(log_path, "a") as f:
+          f.write(json.dumps(dict(step=step_done, kind="train", **aux)) + "\n")
+        print(f"step {step_done:6d}/{num_steps}  loss {aux['loss']:.4f}  "
+              f"{rate:.1f} steps/s", flush=True)
+
+    def run_eval(step_done):
+      nonlocal eval_seconds
+      start = time.time()
+      result = train._to_python(jax.device_get(evaluate(state.params, teacher_params, ekey)))
+      eval_seconds += time.time() - start
+      if is_lead:
+        train._write_scalars(writer, step_done, result, "eval")
+        with open(log_path, "a") as f:
+          f.write(json.dumps(dict(step=step_done, kind="eval", **{
+              k: v for k, v in result.items() if k != "samples"})) + "\n")
+        print(f"eval @ {step_done}: reverse KL {result['reverse_kl']:.3f} "
+              f"[{result['reverse_kl_ci_low']:.3f}, {result['reverse_kl_ci_high']:.3f}]  "
+              f"validity {[round(v, 3) for v in result['validity']]}", flush=True)
+      return result
+
+    if step == 0:
+      run_eval(0)
+    timed_from, timed_start = None, None  # Step timing excludes the first (compiling) step.
+    with train._stop_on_signals() as signals:
+      while step < num_steps:
+        state, aux = train_step(state, teacher_params, dkey)
+        step += 1
+        if timed_from is None:
+          jax.block_until_ready(state)
+          timed_from, timed_start, eval_seconds = step, time.time(), 0.0
+        if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
+          manager.wait_until_finished()
+          raise train.NonFiniteError(
+              f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
+              f"loss or gradient (the student was left unchanged by each). The newest "
+              f"checkpoint is step {manager.latest_step()} in {ckpt_dir}.")
+        streak = state.nonfinite_streak
+        if pending is not None:
+          log_train(*pending)
+          pending = None
+        if step % config.train.log_every == 0 or step == num_steps:
+          pending = (step, aux)
+        if step % config.train.eval_every == 0 and step != num_steps:
+          run_eval(step)
+        checkpointing.save(manager, step, state, dict(step=step))
+        if signals:
+          if manager.latest_step() != step:
+            checkpointing.save(manager, step, state, dict(step=step), force=True)
+          manager.wait_until_finished()
+          name = signal.Signals(signals[0]).name
+          print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; rerun the "
+                "same command to resume.", flush=True)
+          raise train.Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
+    jax.block_until_ready(state)
+    seconds_per_step = float("nan")
+    if timed_from is not None and step > timed_from:
+      seconds_per_step = (time.time() - timed_start - eval_seconds) / (step - timed_from)
+    if pending is not None:
+      log_train(*pending)
+    if not manager.all_steps() or manager.latest_step() != step:
+      checkpointing.save(manager, step, state, dict(step=step), force=True)
+    manager.wait_until_finished()
+    result = run_eval(step)
+    d = config.distill
+    summary = dict(
+        steps=step,
+        loss=d.loss,
+        estimator=d.estimator if d.loss == "opd" else None,
+        baseline=d.baseline,
+        teacher_workdir=d.teacher_workdir,
+        teacher_latent=d.teacher_latent,
+        seconds_per_step=seconds_per_step,
+        nonfinite_steps=int(state.nonfinite_total),
+        task=config.task.name,
+        **{k: v for k, v in result.items() if k != "samples"},
+    )
     if is_lead:
-      train._write_scalars(writer, step_done, aux, "train")
-      writer.add_scalar("train/steps_per_sec", rate, step_done)
-      with open(log_path, "a") as f:
-        f.write(json.dumps(dict(step=step_done, kind="train", **aux)) + "\n")
-      print(f"step {step_done:6d}/{num_steps}  loss {aux['loss']:.4f}  "
-            f"{rate:.1f} steps/s", flush=True)
-
-  def run_eval(step_done):
-    nonlocal eval_seconds
-    start = time.time()
-    result = train._to_python(jax.device_get(evaluate(state.params, teacher_params, ekey)))
-    eval_seconds += time.time() - start
-    if is_lead:
-      train._write_scalars(writer, step_done, result, "eval")
-      with open(log_path, "a") as f:
-        f.write(json.dumps(dict(step=step_done, kind="eval", **{
-            k: v for k, v in result.items() if k != "samples"})) + "\n")
-      print(f"eval @ {step_done}: reverse KL {result['reverse_kl']:.3f} "
-            f"[{result['reverse_kl_ci_low']:.3f}, {result['reverse_kl_ci_high']:.3f}]  "
-            f"validity {[round(v, 3) for v in result['validity']]}", flush=True)
-    return result
-
-  if step == 0:
-    run_eval(0)
-  timed_from, timed_start = None, None  # Step timing excludes the first (compiling) step.
-  with train._stop_on_signals() as signals:
-    while step < num_steps:
-      state, aux = train_step(state, teacher_params, dkey)
-      step += 1
-      if timed_from is None:
-        jax.block_until_ready(state)
-        timed_from, timed_start, eval_seconds = step, time.time(), 0.0
-      if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
-        manager.wait_until_finished()
-        raise train.NonFiniteError(
-            f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
-            f"loss or gradient (the student was left unchanged by each). The newest "
-            f"checkpoint is step {manager.latest_step()} in {ckpt_dir}.")
-      streak = state.nonfinite_streak
-      if pending is not None:
-        log_train(*pending)
-        pending = None
-      if step % config.train.log_every == 0 or step == num_steps:
-        pending = (step, aux)
-      if step % config.train.eval_every == 0 and step != num_steps:
-        run_eval(step)
-      checkpointing.save(manager, step, state, dict(step=step))
-      if signals:
-        if manager.latest_step() != step:
-          checkpointing.save(manager, step, state, dict(step=step), force=True)
-        manager.wait_until_finished()
-        manager.close()
-        name = signal.Signals(signals[0]).name
-        print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; rerun the "
-              "same command to resume.", flush=True)
-        raise train.Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
-  jax.block_until_ready(state)
-  seconds_per_step = float("nan")
-  if timed_from is not None and step > timed_from:
-    seconds_per_step = (time.time() - timed_start - eval_seconds) / (step - timed_from)
-  if pending is not None:
-    log_train(*pending)
-  if not manager.all_steps() or manager.latest_step() != step:
-    checkpointing.save(manager, step, state, dict(step=step), force=True)
-  manager.wait_until_finished()
-  result = run_eval(step)
-  d = config.distill
-  summary = dict(
-      steps=step,
-      loss=d.loss,
-      estimator=d.estimator if d.loss == "opd" else None,
-      baseline=d.baseline,
-      teacher_workdir=d.teacher_workdir,
-      teacher_latent=d.teacher_latent,
-      seconds_per_step=seconds_per_step,
-      nonfinite_steps=int(state.nonfinite_total),
-      task=config.task.name,
-      **{k: v for k, v in result.items() if k != "samples"},
-  )
-  if is_lead:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    writer.close()
-  manager.close()
-  return summary
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+      writer.close()
+    return summary
+  finally:
+    manager.close()
 
 
 def format_summary(summary: dict) -> str:

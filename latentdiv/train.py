@@ -559,124 +559,131 @@ def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   manager = checkpointing.make_manager(ckpt_dir, config.train.keep_checkpoints,
                                        config.train.checkpoint_every)
-  if manager.all_steps() and os.path.exists(config_path):
-    with open(config_path) as f:
-      diffs = structural_differences(json.load(f), record)
-    if diffs:
-      raise ConfigMismatchError(
-          f"The config differs from the one the checkpoints in {workdir!r} were written "
-          f"with, in fields that change the train state: {'; '.join(diffs)}. Use the "
-          f"original values or a new --workdir.")
-  state = init_state(setup)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  log_path = os.path.join(workdir, "metrics.jsonl")
-  if restored is not None:
-    state, _, ckpt_step = restored
-    print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
+  # Close the manager and the event writer on every path (errors included):
+  # open ones can keep the interpreter from exiting.
+  writer = None
+  try:
+    if manager.all_steps() and os.path.exists(config_path):
+      with open(config_path) as f:
+        diffs = structural_differences(json.load(f), record)
+      if diffs:
+        raise ConfigMismatchError(
+            f"The config differs from the one the checkpoints in {workdir!r} were written "
+            f"with, in fields that change the train state: {'; '.join(diffs)}. Use the "
+            f"original values or a new --workdir.")
+    state = init_state(setup)
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    if restored is not None:
+      state, _, ckpt_step = restored
+      print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
+      if is_lead:
+        _truncate_log(log_path, ckpt_step)
     if is_lead:
-      _truncate_log(log_path, ckpt_step)
-  if is_lead:
-    with open(config_path, "w") as f:
-      json.dump(record, f, indent=2)
+      with open(config_path, "w") as f:
+        json.dump(record, f, indent=2)
 
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  writer = SummaryWriter(workdir) if is_lead else None
-  train_step = make_train_step(setup)
-  evaluate, _ = make_evaluate(setup)
-  num_steps = config.train.num_steps
-  step = int(state.step)
-  last_time, last_step = time.time(), step
-  pending = None  # Metrics of the previous step, pulled to the host one step late.
-  streak = None  # The previous step's count of consecutive non-finite steps.
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    writer = SummaryWriter(workdir) if is_lead else None
+    train_step = make_train_step(setup)
+    evaluate, _ = make_evaluate(setup)
+    num_steps = config.train.num_steps
+    step = int(state.step)
+    last_time, last_step = time.time(), step
+    pending = None  # Metrics of the previous step, pulled to the host one step late.
+    streak = None  # The previous step's count of consecutive non-finite steps.
 
-  def log_train(step_done, aux):
-    nonlocal last_time, last_step
-    now = time.time()
-    rate = (step_done - last_step) / max(now - last_time, 1e-9)
-    last_time, last_step = now, step_done
-    aux = {k: float(v) for k, v in jax.device_get(aux).items()}
-    if is_lead:
-      _write_scalars(writer, step_done, aux, "train")
-      writer.add_scalar("train/steps_per_sec", rate, step_done)
-      with open(log_path, "a") as f:
-        f.write(json.dumps(dict(step=step_done, kind="train", **aux)) + "\n")
-      print(f"step {step_done:6d}/{num_steps}  loss {aux['loss']:.4f}  "
-            f"rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}  "
-            f"{rate:.1f} steps/s", flush=True)
+    def log_train(step_done, aux):
+      nonlocal last_time, last_step
+      now = time.time()
+      rate = (step_done - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, step_done
+      aux = {k: float(v) for k, v in jax.device_get(aux).items()}
+      if is_lead:
+        _write_scalars(writer, step_done, aux, "train")
+        writer.add_scalar("train/steps_per_sec", rate, step_done)
+        with open(log_path, "a") as f:
+          f.write(json.dumps(dict(step=step_done, kind="train", **aux)) + "\n")
+        print(f"step {step_done:6d}/{num_steps}  loss {aux['loss']:.4f}  "
+              f"rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}  "
+              f"{rate:.1f} steps/s", flush=True)
 
-  def run_eval(step_done):
-    result = _to_python(jax.device_get(evaluate(state.params)))
-    if is_lead:
-      _write_scalars(writer, step_done, result, "eval")
-      with open(log_path, "a") as f:
-        f.write(json.dumps(dict(step=step_done, kind="eval", **{
-            k: v for k, v in result.items() if k != "samples"})) + "\n")
-      print(f"eval @ {step_done}: coverage {result['coverage']:.2f}  validity "
-            f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
-            f"usage {[round(v, 2) for v in result['latent_usage']]}", flush=True)
-    return result
+    def run_eval(step_done):
+      result = _to_python(jax.device_get(evaluate(state.params)))
+      if is_lead:
+        _write_scalars(writer, step_done, result, "eval")
+        with open(log_path, "a") as f:
+          f.write(json.dumps(dict(step=step_done, kind="eval", **{
+              k: v for k, v in result.items() if k != "samples"})) + "\n")
+        print(f"eval @ {step_done}: coverage {result['coverage']:.2f}  validity "
+              f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
+              f"usage {[round(v, 2) for v in result['latent_usage']]}", flush=True)
+      return result
 
-  with _stop_on_signals() as signals:
-    while step < num_steps:
-      state, aux = train_step(state)  # Dispatch; the device runs ahead of the host.
-      step += 1
-      if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
+    with _stop_on_signals() as signals:
+      while step < num_steps:
+        state, aux = train_step(state)  # Dispatch; the device runs ahead of the host.
+        step += 1
+        if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
+          if pending is not None:
+            log_train(*pending)
+          manager.wait_until_finished()
+          latest = manager.latest_step()
+          raise NonFiniteError(
+              f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
+              f"loss or gradient (parameters were left unchanged by each). The newest "
+              f"checkpoint is step {latest} in {ckpt_dir}. Lower optim.learning_rate or "
+              f"inspect the inputs, then rerun to resume from it.")
+        streak = state.nonfinite_streak
         if pending is not None:
           log_train(*pending)
-        manager.wait_until_finished()
-        latest = manager.latest_step()
-        raise NonFiniteError(
-            f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
-            f"loss or gradient (parameters were left unchanged by each). The newest "
-            f"checkpoint is step {latest} in {ckpt_dir}. Lower optim.learning_rate or "
-            f"inspect the inputs, then rerun to resume from it.")
-      streak = state.nonfinite_streak
-      if pending is not None:
-        log_train(*pending)
-        pending = None
-      if step % config.train.log_every == 0 or step == num_steps:
-        pending = (step, aux)
-      if step % config.train.eval_every == 0 and step != num_steps:
-        run_eval(step)
-      checkpointing.save(manager, step, state, dict(step=step))
-      if signals:
-        if pending is not None:
-          log_train(*pending)
-        if manager.latest_step() != step:
-          checkpointing.save(manager, step, state, dict(step=step), force=True)
-        manager.wait_until_finished()
-        manager.close()
-        name = signal.Signals(signals[0]).name
-        print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; "
-              f"rerun the same command to resume.", flush=True)
-        raise Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
-  if pending is not None:
-    log_train(*pending)
-  if not manager.all_steps() or manager.latest_step() != step:
-    checkpointing.save(manager, step, state, dict(step=step), force=True)
-  manager.wait_until_finished()
-  result = run_eval(step)
-  summary = dict(
-      steps=step,
-      coverage=result["coverage"],
-      validity=result["validity"],
-      latent_usage=result["latent_usage"],
-      nmi=result["nmi"],
-      token_jsd=result["token_jsd"],
-      nll=result["nll"],
-      seq_kl=result["seq_kl"],
-      seq_kl_stderr=result["seq_kl_stderr"],
-      assignment=result["assignment"],
-      confusion=result["confusion"],
-      nonfinite_steps=int(state.nonfinite_total),
-      exact_match=result["exact_match"],
-      edit_distance=result["edit_distance"],
-      kl_payoff_to_model=result["kl_payoff_to_model"],
-      task=config.task.name,
-  )
-  if is_lead:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    writer.close()
-  manager.close()
-  return summary
+          pending = None
+        if step % config.train.log_every == 0 or step == num_steps:
+          pending = (step, aux)
+        if step % config.train.eval_every == 0 and step != num_steps:
+          run_eval(step)
+        checkpointing.save(manager, step, state, dict(step=step))
+        if signals:
+          if pending is not None:
+            log_train(*pending)
+          if manager.latest_step() != step:
+            checkpointing.save(manager, step, state, dict(step=step), force=True)
+          manager.wait_until_finished()
+          name = signal.Signals(signals[0]).name
+          print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; "
+                f"rerun the same command to resume.", flush=True)
+          raise Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
+    if pending is not None:
+      log_train(*pending)
+    if not manager.all_steps() or manager.latest_step() != step:
+      checkpointing.save(manager, step, state, dict(step=step), force=True)
+    manager.wait_until_finished()
+    result = run_eval(step)
+    summary = dict(
+        steps=step,
+        coverage=result["coverage"],
+        validity=result["validity"],
+        latent_usage=result["latent_usage"],
+        nmi=result["nmi"],
+        token_jsd=result["token_jsd"],
+        nll=result["nll"],
+        seq_kl=result["seq_kl"],
+        seq_kl_stderr=result["seq_kl_stderr"],
+        assignment=result["assignment"],
+        confusion=result["confusion"],
+        nonfinite_steps=int(state.nonfinite_total),
+        exact_match=result["exact_match"],
+        edit_distance=result["edit_distance"],
+        kl_payoff_to_model=result["kl_payoff_to_model"],
+        task=config.task.name,
+    )
+    if is_lead:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+  finally:
+    manager.close()
+    if writer is not None:
+      writer.close()
+
+
