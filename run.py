@@ -7,6 +7,10 @@
 Rerunning on an existing --workdir resumes from its newest checkpoint. Any
 config field can be overridden with --config.FIELD=VALUE; invalid values are
 rejected before anything compiles, with a message naming the field.
+
+The train step runs data-parallel over every visible device
+(latentdiv/sharding.py; --config.train.fsdp=True shards the large parameter
+arrays too); pass --distributed on each host of a multi-host run.
 """
 
 import os
@@ -45,6 +49,14 @@ _WORKDIR = flags.DEFINE_string(
     "Defaults to ./workdir/<config file name>. An existing workdir is resumed.")
 
 
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() first: a multi-host run (GPU or TPU pods, "
+    "SLURM, ...) whose processes each run this same command; the coordinator is "
+    "detected from the cluster environment. The batch is then split over every "
+    "device of every host (config.train.batch_size must divide by their number).")
+
+
 def _format_summary(summary: dict) -> str:
   lines = [
       f"Finished {summary['steps']} steps on '{summary['task']}'.",
@@ -71,6 +83,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
@@ -83,6 +98,8 @@ def main(argv):
         train.build, train.train_and_evaluate, _format_summary)
   try:
     build(config)  # Validates every field before anything compiles.
+    if "distill" not in config:
+      train.make_data_mesh(config)  # Batch sizes against the devices.
   except ValueError as err:
     raise app.UsageError(str(err)) from None
   try:

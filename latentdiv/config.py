@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Stop the run after this many consecutive steps with a non-finite loss or
   # gradient (each such step is skipped: parameters unchanged).
   c.train.max_nonfinite_steps = 10
+  # Data parallelism runs on every visible device (batch sizes must divide by
+  # their number). False: parameters and optimiser state replicated on each;
+  # True: large arrays split over the devices FSDP-style (latentdiv.sharding).
+  c.train.fsdp = False
 
   # Evaluation: samples per latent on a fixed evaluation set.
   c.eval = ml_collections.ConfigDict()
@@ -184,8 +188,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "raml.reward", raml.REWARDS)
   for path in ("raml.epsilon", "raml.tau", "seq_pg.ema_decay", "optim.learning_rate"):
     _finite_number(config, path)
-  if not isinstance(config.eval.greedy, bool):
-    raise ValueError(f"config.eval.greedy must be True or False, got {config.eval.greedy!r}.")
+  for path in ("eval.greedy", "train.fsdp"):
+    if not isinstance(_get(config, path), bool):
+      raise ValueError(f"config.{path} must be True or False, got {_get(config, path)!r}.")
   if not 0 <= config.raml.epsilon <= 1:
     raise ValueError(f"config.raml.epsilon must be in [0, 1], got {config.raml.epsilon!r}.")
   if not config.raml.tau > 0:

@@ -80,6 +80,7 @@ from latentdiv import estimators
 from latentdiv import metrics as metrics_lib
 from latentdiv import model as model_lib
 from latentdiv import sampling
+from latentdiv import sharding
 from latentdiv import tasks as tasks_lib
 from latentdiv import train
 
@@ -702,8 +703,13 @@ def distill_loss(setup: DistillSetup, params, teacher_params, batch: tasks_lib.B
   return loss, (metrics, new_extra)
 
 
-def make_train_step(setup: DistillSetup):
+def make_train_step(setup: DistillSetup, mesh: jax.sharding.Mesh | None = None):
   """The jitted ``train_step(state, teacher_params, data_key) -> (state, metrics)``.
+
+  With a data ``mesh`` (``sharding.make_mesh``) the prompts are split over its
+  devices and the state, teacher and key are replicated (data parallelism,
+  as ``train.make_train_step``); inputs must already be laid out so
+  (``sharding.replicate``).
 
   One XLA program: prompts drawn on device from ``fold_in(data_key, step)``,
   the rollouts' ``lax.scan``, teacher and student scoring, the loss and one
@@ -713,9 +719,10 @@ def make_train_step(setup: DistillSetup):
   """
   config = setup.config
 
-  @jax.jit
   def train_step(state: train.TrainState, teacher_params, dkey: jax.Array):
     batch = setup.task.sample(jax.random.fold_in(dkey, state.step), config.train.batch_size)
+    if mesh is not None:
+      batch = sharding.constrain_batch(batch, mesh)
     rng, key = jax.random.split(state.rng)
     grads, (aux, extra) = jax.grad(
         lambda p: distill_loss(setup, p, teacher_params, batch, key, state.extra),
@@ -734,7 +741,10 @@ def make_train_step(setup: DistillSetup):
         nonfinite_total=aux["nonfinite_steps"])
     return new_state, aux
 
-  return train_step
+  if mesh is None:
+    return jax.jit(train_step)
+  rep = sharding.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(rep, rep, rep), out_shardings=(rep, rep))
 
 
 # ---------------------------------------------------------------------------
@@ -843,12 +853,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The summary dict.
   """
   setup = build(config)  # Validation and the teacher/student checks: nothing compiles.
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
   os.makedirs(workdir, exist_ok=True)
   with train.workdir_lock(workdir):
-    return _train_and_evaluate(setup, workdir)
+    return _train_and_evaluate(setup, workdir, mesh)
 
 
-def _train_and_evaluate(setup: DistillSetup, workdir: str) -> dict:
+def _train_and_evaluate(setup: DistillSetup, workdir: str, mesh: jax.sharding.Mesh) -> dict:
   config = setup.config
   is_lead = jax.process_index() == 0
   record = train._config_record(config)
@@ -869,25 +881,24 @@ def _train_and_evaluate(setup: DistillSetup, workdir: str) -> dict:
             f"values or a new --workdir.")
     teacher_params = load_teacher_params(setup)
     state = init_state(setup)
-    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+    restored = checkpointing.restore_latest(manager, sharding.abstract_state(state, mesh))
     log_path = os.path.join(workdir, "metrics.jsonl")
     if restored is not None:
       state, _, ckpt_step = restored
       print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
       if is_lead:
         train._truncate_log(log_path, ckpt_step)
-    # Commit the state to the device the step's outputs live on: an uncommitted
-    # initial state would make the second call of the step compile again.
-    device = jax.local_devices()[0]
-    state = jax.device_put(state, device)
-    teacher_params = jax.device_put(teacher_params, device)
+    # Commit the state and teacher to the mesh the step's outputs live on: an
+    # uncommitted initial state would make the second call compile again.
+    state = sharding.replicate(state, mesh)
+    teacher_params = sharding.replicate(teacher_params, mesh)
     if is_lead:
       with open(config_path, "w") as f:
         json.dump(record, f, indent=2)
 
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     writer = SummaryWriter(workdir) if is_lead else None
-    train_step = make_train_step(setup)
+    train_step = make_train_step(setup, mesh)
     evaluate = make_evaluate(setup)
     dkey, ekey = data_key(config), eval_key(config)
     num_steps = config.train.num_steps

@@ -42,6 +42,7 @@ from latentdiv import raml
 from latentdiv import reconstruction
 from latentdiv import sampling
 from latentdiv import seq_kl
+from latentdiv import sharding
 from latentdiv import tasks as tasks_lib
 from latentdiv import vocab
 
@@ -249,8 +250,18 @@ def pg_weight(config, step) -> jax.Array:
   return jnp.where(step < s.warmup_steps, 0.0, s.lambda_pg * ramp)
 
 
-def make_train_step(setup: Setup):
-  """The jitted ``train_step(state) -> (state, metrics)`` for ``setup``."""
+def make_train_step(setup: Setup, mesh: jax.sharding.Mesh | None = None):
+  """The jitted ``train_step(state) -> (state, metrics)`` for ``setup``.
+
+  Args:
+    setup: from ``build``.
+    mesh: optional 1-D data mesh (``sharding.make_mesh``). With it the batch
+      drawn inside the step is split over the mesh's devices, the state is
+      replicated (or FSDP-sharded with ``config.train.fsdp``) in and out, and
+      XLA all-reduces the gradient: data parallelism (DESIGN.md §10). The
+      input state must already have that layout (``sharding.place_state``).
+      Without it, a plain ``jax.jit`` on the default device.
+  """
   config = setup.config
   dkey = data_key(config)
   use_pg = config.seq_pg.lambda_pg > 0
@@ -273,9 +284,10 @@ def make_train_step(setup: Setup):
     aux["loss"] = loss
     return loss, (aux, new_extra)
 
-  @jax.jit
   def train_step(state: TrainState):
     batch = setup.task.sample(jax.random.fold_in(dkey, state.step), config.train.batch_size)
+    if mesh is not None:
+      batch = sharding.constrain_batch(batch, mesh)
     rng, key = jax.random.split(state.rng)
     grads, (aux, extra) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, key)
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
@@ -296,11 +308,17 @@ def make_train_step(setup: Setup):
         nonfinite_total=aux["nonfinite_steps"])
     return new_state, aux
 
-  return train_step
+  if mesh is None:
+    return jax.jit(train_step)
+  return sharding.jit_data_parallel(train_step, mesh, jax.eval_shape(lambda: init_state(setup)),
+                                    fsdp=config.train.fsdp)
 
 
-def make_evaluate(setup: Setup):
+def make_evaluate(setup: Setup, mesh: jax.sharding.Mesh | None = None):
   """The jitted ``evaluate(params) -> metrics`` on a fixed evaluation batch.
+
+  With ``mesh`` the evaluation batch is split over the mesh's devices (as in
+  ``make_train_step``); the parameters keep the layout they come with.
 
   Samples one output per (example, latent) at temperature 1 (or greedily with
   ``config.eval.greedy``), matches them against the hidden strategies' valid
@@ -309,12 +327,13 @@ def make_evaluate(setup: Setup):
   config = setup.config
   task = setup.task
   eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
-  batch = task.sample(eval_key, config.eval.batch_size)
+  eval_batch = task.sample(eval_key, config.eval.batch_size)
   num_latents = setup.model.config.num_latents
   lo, hi = content_alphabet(setup)
 
   @jax.jit
   def evaluate(params):
+    batch = eval_batch if mesh is None else sharding.constrain_batch(eval_batch, mesh)
     rollout = sampling.sample_latents(setup.model, params, batch.prompt,
                                       jax.random.fold_in(eval_key, 1), task.target_len,
                                       greedy=config.eval.greedy)
@@ -366,7 +385,7 @@ def make_evaluate(setup: Setup):
         samples=rollout.tokens[:4],
     )
 
-  return evaluate, batch
+  return evaluate, eval_batch
 
 
 def _to_python(tree):
@@ -546,13 +565,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The summary dict.
   """
   setup = build(config)  # Validation happens here, before anything compiles.
+  mesh = make_data_mesh(setup.config)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock(workdir):
-    return _train_and_evaluate(setup, workdir)
+    return _train_and_evaluate(setup, workdir, mesh)
 
 
-def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
+def make_data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The 1-D data mesh over every device (of every process), batch sizes checked against it.
+
+  Raises:
+    ValueError: ``config.train.batch_size`` or ``config.eval.batch_size`` is
+      not a multiple of the number of devices (each device holds an equal
+      share of the batch).
+  """
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+  sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+  return mesh
+
+
+def _train_and_evaluate(setup: Setup, workdir: str, mesh: jax.sharding.Mesh) -> dict:
   config = setup.config
+  fsdp = config.train.fsdp
   is_lead = jax.process_index() == 0
   record = _config_record(config)
   config_path = os.path.join(workdir, "config.json")
@@ -572,21 +607,30 @@ def _train_and_evaluate(setup: Setup, workdir: str) -> dict:
             f"with, in fields that change the train state: {'; '.join(diffs)}. Use the "
             f"original values or a new --workdir.")
     state = init_state(setup)
-    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+    # Restored arrays land directly in the mesh layout (each host reads only
+    # its devices' shards); a fresh state is placed the same way, so the step
+    # compiles once for both.
+    restored = checkpointing.restore_latest(
+        manager, sharding.abstract_state(state, mesh, fsdp))
     log_path = os.path.join(workdir, "metrics.jsonl")
     if restored is not None:
       state, _, ckpt_step = restored
       print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
       if is_lead:
         _truncate_log(log_path, ckpt_step)
+    else:
+      state = sharding.place_state(state, mesh, fsdp)
     if is_lead:
       with open(config_path, "w") as f:
         json.dump(record, f, indent=2)
 
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     writer = SummaryWriter(workdir) if is_lead else None
-    train_step = make_train_step(setup)
-    evaluate, _ = make_evaluate(setup)
+    train_step = make_train_step(setup, mesh)
+    evaluate, _ = make_evaluate(setup, mesh)
+    if mesh.devices.size > 1:
+      print(f"Data parallel over {mesh.devices.size} devices "
+            f"({'FSDP' if fsdp else 'replicated'} state).", flush=True)
     num_steps = config.train.num_steps
     step = int(state.step)
     last_time, last_step = time.time(), step

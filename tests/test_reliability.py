@@ -266,8 +266,9 @@ def expected_invalid_fields(config) -> set:
       bad.add(path)
   if not _is_int(config.seed):
     bad.add("seed")
-  if not isinstance(config.eval.greedy, bool):
-    bad.add("eval.greedy")
+  for path in ("eval.greedy", "train.fsdp"):
+    if not isinstance(get(path), bool):
+      bad.add(path)
   fine = lambda *paths: not bad.intersection(paths)  # noqa: E731
 
   k = config.model.num_latents
@@ -360,6 +361,7 @@ INVALID_VALUES = {
     "train.max_nonfinite_steps": _BAD_POSITIVE,
     "eval.batch_size": _BAD_POSITIVE,
     "eval.greedy": (),
+    "train.fsdp": (None,),  # ml_collections itself refuses other types for a bool.
 }
 # Invalid values validate() once let through (None, NaN, inf); kept as their own
 # regression test and drawn by the property test too.
@@ -529,6 +531,7 @@ def configs(draw, tiny=False, allow_invalid=True):
       "train.max_nonfinite_steps": st.integers(1, 20),
       "eval.batch_size": small(1, 64, 4),
       "eval.greedy": st.booleans(),
+      "train.fsdp": st.booleans(),
   }
   values = {path: draw(strategy) for path, strategy in valid.items()}
   if mode != "free":
@@ -898,8 +901,8 @@ def _interrupt_at(step_to_interrupt, signum=signal.SIGINT):
   """Patches make_train_step so that the process signals itself after that step."""
   real = train.make_train_step
 
-  def patched(setup):
-    step_fn = real(setup)
+  def patched(setup, *args, **kwargs):
+    step_fn = real(setup, *args, **kwargs)
 
     def wrapped(state):
       state, aux = step_fn(state)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import chex
 import jax
@@ -18,6 +19,7 @@ from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
 from latentdiv import sharding
+from latentdiv import train
 
 NUM_DEVICES = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +54,23 @@ def _max_rel_diff(a_tree, b_tree) -> float:
   scale = max(float(np.max(np.abs(np.asarray(b)), initial=0.0))
               for b in leaves_b)
   return diff / (scale + 1e-12)
+
+
+def _run_config(workdir: str):
+  """The whole ``run.py`` path (train.train_and_evaluate) on a tiny config: 3 steps, 1 eval."""
+  c = _tiny_config()
+  c.train.num_steps = 3
+  c.train.log_every = 1
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 100
+  c.eval.batch_size = 2 * NUM_DEVICES
+  return c
+
+
+def _train_losses(workdir: str) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return [r["loss"] for r in records if r["kind"] == "train"]
 
 
 def _worker() -> dict:
@@ -133,7 +152,25 @@ def _worker() -> dict:
   except ValueError as err:
     bad_batch_error = str(err)
 
+  # 4. run.py's own loop (train.train_and_evaluate) on the 8-device mesh: the
+  # step, evaluation, checkpoint, and a resume restoring into the mesh layout.
+  with tempfile.TemporaryDirectory() as workdir:
+    run_config = _run_config(workdir)
+    run_summary = train.train_and_evaluate(run_config, workdir)
+    run_losses = _train_losses(workdir)
+    run_config.train.num_steps = 4
+    resumed_summary = train.train_and_evaluate(run_config, workdir)
+  try:
+    bad = _run_config("")
+    bad.train.batch_size = 12
+    train.train_and_evaluate(bad, os.path.join(tempfile.gettempdir(), "never_created"))
+    run_bad_batch_error = ""
+  except ValueError as err:
+    run_bad_batch_error = str(err)
+
   return dict(
+      run_losses=run_losses, run_summary=run_summary, resumed_steps=resumed_summary["steps"],
+      run_bad_batch_error=run_bad_batch_error,
       num_devices=jax.device_count(),
       bad_batch_error=bad_batch_error,
       rows_per_device=[int(s.data.shape[0]) for s in batch_dp.prompt.addressable_shards],
@@ -212,6 +249,24 @@ class EightDeviceTest(absltest.TestCase):
     np.testing.assert_allclose(r["step_grad_norm"], r["ref_grad_norm"], rtol=1e-5)
     self.assertLess(r["step_param_rel_diff"], 1e-5)
 
+
+  def test_run_loop_on_eight_devices_matches_one_device(self):
+    # train.train_and_evaluate (what run.py calls) on 8 devices against the same
+    # config here on 1: the same per-step losses and final metrics.
+    r = self.result
+    with tempfile.TemporaryDirectory() as workdir:
+      summary = train.train_and_evaluate(_run_config(workdir), workdir)
+      losses = _train_losses(workdir)
+    self.assertLen(r["run_losses"], 3)
+    np.testing.assert_allclose(r["run_losses"], losses, rtol=1e-4)
+    for key in ("coverage", "nll", "token_jsd", "seq_kl"):
+      np.testing.assert_allclose(r["run_summary"][key], summary[key], rtol=1e-3, err_msg=key)
+    self.assertEqual(r["resumed_steps"], 4)
+
+  def test_run_refuses_a_batch_the_devices_cannot_split(self):
+    message = self.result["run_bad_batch_error"]
+    self.assertIn("config.train.batch_size = 12", message)
+    self.assertIn(str(NUM_DEVICES), message)
 
   def test_checkpoint_restores_into_the_mesh_layout(self):
     r = self.result
