@@ -119,6 +119,9 @@ BENCH_SIZES = ("small", "medium", "large")
 # Batch shapes per size: rollouts of B prompts × K latents, train batches of B.
 ROLLOUT_BATCH = {"small": 32, "medium": 32, "large": 16, "tiny": 2}
 TRAIN_BATCH = {"small": 32, "medium": 16, "large": 8, "tiny": 4}
+# The latency case: the sampler against the per-token loop with one prompt
+# (B·K = 4 rows), where a step's compute is smallest next to its dispatch.
+LATENCY_BATCH = 1
 NUM_LATENTS = 4  # K
 ROLLOUT_PROMPT_LEN = 8  # P of the rollout cases.
 ALPHABET_SIZE = 29  # V = 3 + 29 = 32.
@@ -763,8 +766,9 @@ def markdown(records: list[dict], headline: dict, meta: dict) -> str:
                      f"skipped: {r['skipped']} | | | | | | |")
         continue
       ratio = r["flops_xla"] / r["flops_analytic"] if r["flops_analytic"] else None
+      case = r["case"] + (f" (×{r['over_ml']:.2f} the ML step)" if "over_ml" in r else "")
       lines.append(
-          f"| {r['size']} | {r['case']} | {r['B']} | {r['K']} | {r['L']} | "
+          f"| {r['size']} | {case} | {r['B']} | {r['K']} | {r['L']} | "
           f"{r['median_s'] * 1e3:.1f} | {_fmt(r['gflops'])} | "
           f"{_fmt(r.get('matmul_gflops_here'))} | {_fmt(r['peak_fraction'])} | "
           f"{_fmt(ratio)} | {_mib(r['peak_memory_bytes'])} | {r['compile_s']:.1f} |")
@@ -833,11 +837,12 @@ def plan(mode: str, sizes: list[str]) -> dict:
     return dict(repeats=1, budget_s=1.0, matmul_sizes=(128,),
                 rollouts=[("tiny", 32, ROLLOUT_METHODS), ("tiny", 64, ("sampler", "no_cache"))],
                 trains=[("tiny", 8, "smoke")])
+  latency = ("small", 32, ("sampler", "python_loop"), LATENCY_BATCH)
   if mode == "quick":
     return dict(
         repeats=3, budget_s=4.0, matmul_sizes=(512, 1024),
         rollouts=[("small", 32, ROLLOUT_METHODS), ("small", 64, ("sampler", "no_cache")),
-                  ("small", 8, ("sampler",)), ("small", 16, ("sampler",))],
+                  ("small", 8, ("sampler",)), ("small", 16, ("sampler",)), latency],
         trains=[("small", DEFAULT_L, "quick"), ("small", 8, "scaling_tf"),
                 ("small", 16, "scaling_tf")])
   if mode != "full":
@@ -852,12 +857,29 @@ def plan(mode: str, sizes: list[str]) -> dict:
       else:
         methods = ("sampler",)
       rollouts.append((size, length, methods))
+    if size == "small":
+      rollouts.append(latency)
     trains.append((size, DEFAULT_L, "all" if size == "small" else "core"))
     for length in LENGTHS:
       if length != DEFAULT_L and size != "large":
         trains.append((size, length, "scaling"))
   return dict(repeats=5, budget_s=10.0, matmul_sizes=MATMUL_SIZES, rollouts=rollouts,
               trains=trains)
+
+
+def _with_ml_ratio(record: dict, records: list[dict]) -> dict:
+  """Adds ``over_ml`` to a RAML record: its step time / the 'rec+jsd' (ML targets) step's.
+
+  The two steps differ only in their targets (RAML samples vs the data), on
+  the same model, batch and length: the cost of RAML's N samples per example.
+  """
+  if record.get("kind") != "train" or not record["case"].startswith("raml/") or (
+      "skipped" in record):
+    return record
+  ml = _find(records, kind="train", case="rec+jsd", size=record["size"], L=record["L"])
+  if ml is not None:
+    record["over_ml"] = record["median_s"] / ml["median_s"]
+  return record
 
 
 def _find(records, **kw):
@@ -883,9 +905,14 @@ def headline_figures(records: list[dict], peak: dict) -> dict:
   run = [s for s in SIZES if _find(records, kind="rollout", size=s)]
   ratio_size = "small" if "small" in run else (run[0] if run else None)
 
-  def speedup(length, method):
-    r = _find(records, kind="rollout", size=ratio_size, L=length, method=method)
+  def speedup(length, method, batch=None):
+    batch = ROLLOUT_BATCH.get(ratio_size) if batch is None else batch
+    r = _find(records, kind="rollout", size=ratio_size, L=length, method=method, B=batch)
     return None if r is None else r["sampler_speedup"]
+
+  def raml_over_ml(n):
+    r = _find(records, kind="train", case=f"raml/N={n}")
+    return None if r is None else r.get("over_ml")
 
   def at_default_l(sizes, **kw):
     if not sizes:
@@ -907,6 +934,8 @@ def headline_figures(records: list[dict], peak: dict) -> dict:
       sampler_over_python_loop=speedup(32, "python_loop"),
       sampler_over_no_cache=speedup(64, "no_cache"),
       sampler_over_python_loop_donated=speedup(32, "python_loop_donated"),
+      sampler_over_python_loop_b1=speedup(32, "python_loop", LATENCY_BATCH),
+      **{f"raml_over_ml_n{n}": raml_over_ml(n) for n in RAML_SAMPLES},
       rollout_peak_fraction=fraction(rollout),
       train_step_peak_fraction=fraction(tf),
       matmul_peak_gflops=peak["gflops"],
@@ -959,14 +988,16 @@ def _run(args) -> dict:
   start = time.perf_counter()
   peak, reference = matmul_peak(todo["matmul_sizes"], repeats=4 * repeats)
   meta["matmul_n"] = peak["n"]
-  for size, length, methods in todo["rollouts"]:
-    for record in rollout_case(size, length, ROLLOUT_BATCH[size], repeats, peak["gflops"],
+  for size, length, methods, *batch in todo["rollouts"]:
+    batch = batch[0] if batch else ROLLOUT_BATCH[size]
+    for record in rollout_case(size, length, batch, repeats, peak["gflops"],
                                methods, budget_s=todo["budget_s"], reference=reference):
       emit(record)
   for size, length, which in todo["trains"]:
     for name, overrides in train_cases(size, length, TRAIN_BATCH[size], which):
-      emit(train_case(name, size, length, TRAIN_BATCH[size], overrides, repeats,
-                      peak["gflops"], budget_s=todo["budget_s"], reference=reference))
+      record = train_case(name, size, length, TRAIN_BATCH[size], overrides, repeats,
+                          peak["gflops"], budget_s=todo["budget_s"], reference=reference)
+      emit(_with_ml_ratio(record, _PRINTED))
   meta["load_end"] = _load()
   headline = headline_figures(_PRINTED, peak)
   headline["wall_s"] = time.perf_counter() - start

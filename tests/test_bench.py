@@ -77,6 +77,38 @@ class TimingTest(absltest.TestCase):
     self.assertLen(slow["times_s"], 1)  # over budget: one timed call.
 
 
+class HeadlineTest(absltest.TestCase):
+
+  def test_raml_ratio_and_headline_read_the_right_records(self):
+    def rollout(method, batch, median):
+      return dict(kind="rollout", size="small", method=method, B=batch, L=32, median_s=median,
+                  peak_fraction=0.1)
+
+    records = [
+        dict(kind="train", case="rec+jsd", size="small", L=32, median_s=2.0, peak_fraction=0.3),
+        rollout("sampler", bench.ROLLOUT_BATCH["small"], 1.0),
+        rollout("python_loop", bench.ROLLOUT_BATCH["small"], 1.5),
+        rollout("sampler", bench.LATENCY_BATCH, 0.1),
+        rollout("python_loop", bench.LATENCY_BATCH, 0.3),
+    ]
+    for r in records:
+      if r["kind"] == "rollout":
+        sampler = next(s for s in records if s.get("method") == "sampler" and s["B"] == r["B"])
+        r["sampler_speedup"] = r["median_s"] / sampler["median_s"]
+    raml = bench._with_ml_ratio(
+        dict(kind="train", case="raml/N=4", size="small", L=32, median_s=5.0), records)
+    self.assertEqual(raml["over_ml"], 2.5)
+    skipped = bench._with_ml_ratio(
+        dict(kind="train", case="raml/N=1", size="small", L=32, skipped="why"), records)
+    self.assertNotIn("over_ml", skipped)
+    headline = bench.headline_figures(records + [raml], dict(gflops=100.0))
+    self.assertEqual(headline["sampler_over_python_loop"], 1.5)  # B = 32, not the B = 1 case.
+    self.assertAlmostEqual(headline["sampler_over_python_loop_b1"], 3.0)
+    self.assertEqual(headline["raml_over_ml_n4"], 2.5)
+    self.assertIsNone(headline["raml_over_ml_n16"])
+    self.assertEqual(headline["train_step_peak_fraction"], 0.3)
+
+
 class MainSmokeTest(absltest.TestCase):
 
   def test_smoke_run_prints_cases_and_the_headline_last(self):
