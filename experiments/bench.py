@@ -780,7 +780,8 @@ def _scaling_table(records: list[dict]) -> list[str]:
   """Time and memory against L, relative to the shortest L run, per (size, case)."""
   groups: dict[tuple, dict] = {}
   for r in records:
-    if r.get("kind") == "rollout" and r["method"] == "sampler":
+    if (r.get("kind") == "rollout" and r["method"] == "sampler"
+        and r["B"] == ROLLOUT_BATCH.get(r["size"])):  # Not the B = 1 latency case.
       name = "rollout (sampler)"
     elif r.get("kind") == "train" and "skipped" not in r:
       name = f"train {r['case']}"

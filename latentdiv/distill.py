@@ -856,7 +856,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
   os.makedirs(workdir, exist_ok=True)
-  with train.workdir_lock(workdir):
+  with train.workdir_lock_for_this_process(workdir):
     return _train_and_evaluate(setup, workdir, mesh)
 
 

@@ -508,6 +508,17 @@ def workdir_lock(workdir: str):
       pass
 
 
+def workdir_lock_for_this_process(workdir: str):
+  """``workdir_lock`` in process 0; nothing in the other processes of a multi-host run.
+
+  Every host of a multi-host run runs the same command on the same (shared)
+  workdir: the lock keeps out OTHER runs, so only one process holds it.
+  """
+  if jax.process_index() == 0:
+    return workdir_lock(workdir)
+  return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
   """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
@@ -567,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = build(config)  # Validation happens here, before anything compiles.
   mesh = make_data_mesh(setup.config)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lock(workdir):
+  with workdir_lock_for_this_process(workdir):
     return _train_and_evaluate(setup, workdir, mesh)
 
 
