@@ -8,6 +8,7 @@ field, its value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import ml_collections
@@ -31,6 +32,9 @@ BASELINES = ("none", "leave_one_out", "ema", "jsd")
 TARGETS = ("data", "label_smoothing", "raml")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
+# Top-level sections other modules add to ``base_config()`` and validate
+# themselves (``distill.distill_config``).
+EXTENSION_SECTIONS = ("distill",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -157,12 +161,45 @@ def _get(config, path):
   return node
 
 
+def check_known_fields(config, schema, prefix: str = "config",
+                       extension_sections=()) -> None:
+  """Raises ValueError for a field of ``config`` that ``schema`` lacks (e.g. a misspelling).
+
+  A config file that sets ``c.train.batchsize = 8`` on an unlocked ConfigDict
+  adds a new field that nothing reads; this names it, with the closest
+  known fields.
+
+  Args:
+    config: the ConfigDict to check.
+    schema: a ConfigDict with every allowed field (``base_config()``).
+    prefix: the dotted path of ``config`` for the message.
+    extension_sections: top-level names allowed beyond ``schema`` (checked
+      elsewhere).
+  """
+  for name in config.keys():
+    path = f"{prefix}.{name}"
+    if name not in schema:
+      if name in extension_sections:
+        continue
+      close = difflib.get_close_matches(name, list(schema.keys()), n=3)
+      hint = f" Did you mean {', '.join(f'{prefix}.{c}' for c in close)}?" if close else ""
+      raise ValueError(
+          f"{path} is not a field of the config.{hint} Known fields here: "
+          f"{sorted(schema.keys())}.")
+    if isinstance(schema[name], ml_collections.ConfigDict):
+      if not isinstance(config[name], ml_collections.ConfigDict):
+        raise ValueError(f"{path} must be a section (ConfigDict), got {config[name]!r}.")
+      check_known_fields(config[name], schema[name], path)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field before anything compiles.
 
   Raises:
-    ValueError: naming the first invalid field, its value and what is allowed.
+    ValueError: naming the first invalid (or unknown) field, its value and
+      what is allowed.
   """
+  check_known_fields(config, base_config(), extension_sections=EXTENSION_SECTIONS)
   for path in ("task.prompt_len", "task.alphabet_size", "task.num_strategies",
                "model.num_latents", "model.d_model", "model.num_heads",
                "model.num_layers", "model.d_ff", "seq_pg.rollout_len",

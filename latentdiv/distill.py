@@ -62,8 +62,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
-import time
 from typing import Any, NamedTuple
 
 import chex
@@ -153,6 +151,7 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   config_lib.validate(config)
   if "distill" not in config:
     raise ValueError("config.distill is missing; start from distill.distill_config().")
+  config_lib.check_known_fields(config.distill, distill_config().distill, "config.distill")
   d = config.distill
   for name in ("teacher_workdir", "teacher_latent", "loss", "estimator", "baseline",
                "num_rollouts", "ema_decay", "gkd_beta", "gkd_lambda", "gkd_off_policy",
@@ -862,143 +861,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_and_evaluate(setup: DistillSetup, workdir: str, mesh: jax.sharding.Mesh) -> dict:
   config = setup.config
-  is_lead = jax.process_index() == 0
-  record = train._config_record(config)
-  config_path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  manager = checkpointing.make_manager(ckpt_dir, config.train.keep_checkpoints,
-                                       config.train.checkpoint_every)
-  # Close the manager on every path (errors included): an open Orbax manager
-  # can keep the interpreter from exiting.
-  try:
-    if manager.all_steps() and os.path.exists(config_path):
-      with open(config_path) as f:
-        diffs = structural_differences(json.load(f), record)
-      if diffs:
-        raise train.ConfigMismatchError(
-            f"The config differs from the one the checkpoints in {workdir!r} were written "
-            f"with, in fields that change the run: {'; '.join(diffs)}. Use the original "
-            f"values or a new --workdir.")
-    teacher_params = load_teacher_params(setup)
-    state = init_state(setup)
-    restored = checkpointing.restore_latest(manager, sharding.abstract_state(state, mesh))
-    log_path = os.path.join(workdir, "metrics.jsonl")
-    if restored is not None:
-      state, _, ckpt_step = restored
-      print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
-      if is_lead:
-        train._truncate_log(log_path, ckpt_step)
-    # Commit the state and teacher to the mesh the step's outputs live on: an
-    # uncommitted initial state would make the second call compile again.
-    state = sharding.replicate(state, mesh)
-    teacher_params = sharding.replicate(teacher_params, mesh)
-    if is_lead:
-      with open(config_path, "w") as f:
-        json.dump(record, f, indent=2)
+  # Refuse a mismatched resume before reading the teacher (run_loop checks again).
+  train.check_config_matches(config, workdir, structural_differences)
+  # The teacher and the student's state are replicated on the mesh (a state
+  # restored from a checkpoint lands there too): committed inputs, so the
+  # step compiles once.
+  teacher_params = sharding.replicate(load_teacher_params(setup), mesh)
+  state = init_state(setup)
+  train_step = make_train_step(setup, mesh)
+  evaluate = make_evaluate(setup)
+  dkey, ekey = data_key(config), eval_key(config)
+  num_steps = config.train.num_steps
 
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    writer = SummaryWriter(workdir) if is_lead else None
-    train_step = make_train_step(setup, mesh)
-    evaluate = make_evaluate(setup)
-    dkey, ekey = data_key(config), eval_key(config)
-    num_steps = config.train.num_steps
-    step = int(state.step)
-    pending, streak = None, None
-    last_time, last_step = time.time(), step
-    eval_seconds = 0.0
+  def train_line(step, aux, rate):
+    return f"step {step:6d}/{num_steps}  loss {aux['loss']:.4f}  {rate:.1f} steps/s"
 
-    def log_train(step_done, aux):
-      nonlocal last_time, last_step
-      now = time.time()
-      rate = (step_done - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, step_done
-      aux = {k: float(v) for k, v in jax.device_get(aux).items()}
-      if is_lead:
-        train._write_scalars(writer, step_done, aux, "train")
-        writer.add_scalar("train/steps_per_sec", rate, step_done)
-        with open(log_path, "a") as f:
-          f.write(json.dumps(dict(step=step_done, kind="train", **aux)) + "\n")
-        print(f"step {step_done:6d}/{num_steps}  loss {aux['loss']:.4f}  "
-              f"{rate:.1f} steps/s", flush=True)
+  def eval_line(step, result):
+    return (f"eval @ {step}: reverse KL {result['reverse_kl']:.3f} "
+            f"[{result['reverse_kl_ci_low']:.3f}, {result['reverse_kl_ci_high']:.3f}]  "
+            f"validity {[round(v, 3) for v in result['validity']]}")
 
-    def run_eval(step_done):
-      nonlocal eval_seconds
-      start = time.time()
-      result = train._to_python(jax.device_get(evaluate(state.params, teacher_params, ekey)))
-      eval_seconds += time.time() - start
-      if is_lead:
-        train._write_scalars(writer, step_done, result, "eval")
-        with open(log_path, "a") as f:
-          f.write(json.dumps(dict(step=step_done, kind="eval", **{
-              k: v for k, v in result.items() if k != "samples"})) + "\n")
-        print(f"eval @ {step_done}: reverse KL {result['reverse_kl']:.3f} "
-              f"[{result['reverse_kl_ci_low']:.3f}, {result['reverse_kl_ci_high']:.3f}]  "
-              f"validity {[round(v, 3) for v in result['validity']]}", flush=True)
-      return result
-
-    if step == 0:
-      run_eval(0)
-    timed_from, timed_start = None, None  # Step timing excludes the first (compiling) step.
-    with train._stop_on_signals() as signals:
-      while step < num_steps:
-        state, aux = train_step(state, teacher_params, dkey)
-        step += 1
-        if timed_from is None:
-          jax.block_until_ready(state)
-          timed_from, timed_start, eval_seconds = step, time.time(), 0.0
-        if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
-          manager.wait_until_finished()
-          raise train.NonFiniteError(
-              f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
-              f"loss or gradient (the student was left unchanged by each). The newest "
-              f"checkpoint is step {manager.latest_step()} in {ckpt_dir}.")
-        streak = state.nonfinite_streak
-        if pending is not None:
-          log_train(*pending)
-          pending = None
-        if step % config.train.log_every == 0 or step == num_steps:
-          pending = (step, aux)
-        if step % config.train.eval_every == 0 and step != num_steps:
-          run_eval(step)
-        checkpointing.save(manager, step, state, dict(step=step))
-        if signals:
-          if manager.latest_step() != step:
-            checkpointing.save(manager, step, state, dict(step=step), force=True)
-          manager.wait_until_finished()
-          name = signal.Signals(signals[0]).name
-          print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; rerun the "
-                "same command to resume.", flush=True)
-          raise train.Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
-    jax.block_until_ready(state)
-    seconds_per_step = float("nan")
-    if timed_from is not None and step > timed_from:
-      seconds_per_step = (time.time() - timed_start - eval_seconds) / (step - timed_from)
-    if pending is not None:
-      log_train(*pending)
-    if not manager.all_steps() or manager.latest_step() != step:
-      checkpointing.save(manager, step, state, dict(step=step), force=True)
-    manager.wait_until_finished()
-    result = run_eval(step)
-    d = config.distill
-    summary = dict(
-        steps=step,
-        loss=d.loss,
-        estimator=d.estimator if d.loss == "opd" else None,
-        baseline=d.baseline,
-        teacher_workdir=d.teacher_workdir,
-        teacher_latent=d.teacher_latent,
-        seconds_per_step=seconds_per_step,
-        nonfinite_steps=int(state.nonfinite_total),
-        task=config.task.name,
-        **{k: v for k, v in result.items() if k != "samples"},
-    )
-    if is_lead:
-      with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-      writer.close()
-    return summary
-  finally:
-    manager.close()
+  state, result, seconds_per_step = train.run_loop(
+      config, workdir, initial_state=state,
+      restore_target=sharding.abstract_state(state, mesh),
+      place=lambda s: sharding.replicate(s, mesh),
+      step=lambda s: train_step(s, teacher_params, dkey),
+      evaluate=lambda s: train._to_python(
+          jax.device_get(evaluate(s.params, teacher_params, ekey))),
+      differences=structural_differences, train_line=train_line, eval_line=eval_line,
+      eval_at_start=True)
+  d = config.distill
+  summary = dict(
+      steps=int(state.step),
+      loss=d.loss,
+      estimator=d.estimator if d.loss == "opd" else None,
+      baseline=d.baseline,
+      teacher_workdir=d.teacher_workdir,
+      teacher_latent=d.teacher_latent,
+      seconds_per_step=seconds_per_step,
+      nonfinite_steps=int(state.nonfinite_total),
+      task=config.task.name,
+      **{k: v for k, v in result.items() if k != "samples"},
+  )
+  train.write_summary(workdir, summary)
+  return summary
 
 
 def format_summary(summary: dict) -> str:

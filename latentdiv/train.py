@@ -10,7 +10,11 @@ The step (``make_train_step``) draws its batch on device from
     loss = L_rec − λ_jsd · Ĵ − w_pg(step) · D̂_seq          (DESIGN.md §3–5)
 
 and applies one Optax update: a single XLA program, no Python loop over time
-steps or latents.
+steps or latents. With a data mesh (``latentdiv.sharding``) the same step runs
+data-parallel over every device.
+
+``run_loop`` is the host loop around a step (resume, log, evaluate,
+checkpoint, signals); ``distill.train_and_evaluate`` uses it too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import flax
@@ -596,149 +600,239 @@ def make_data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
-def _train_and_evaluate(setup: Setup, workdir: str, mesh: jax.sharding.Mesh) -> dict:
-  config = setup.config
-  fsdp = config.train.fsdp
+def check_config_matches(config: ml_collections.ConfigDict, workdir: str,
+                         differences: Callable[[dict, dict], list[str]]) -> None:
+  """Raises ConfigMismatchError if ``workdir`` holds checkpoints of a config that ``differences`` rejects.
+
+  Args:
+    config: the config of the run about to start.
+    workdir: its directory (``config.json`` and ``checkpoints/`` of an earlier run).
+    differences: ``(saved_record, record) -> ['field: old -> new', ...]``.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  has_checkpoints = os.path.isdir(ckpt_dir) and any(
+      name.isdigit() for name in os.listdir(ckpt_dir))
+  if not (has_checkpoints and os.path.exists(config_path)):
+    return
+  with open(config_path) as f:
+    diffs = differences(json.load(f), _config_record(config))
+  if diffs:
+    raise ConfigMismatchError(
+        f"The config differs from the one the checkpoints in {workdir!r} were written "
+        f"with, in fields that change the run: {'; '.join(diffs)}. Use the original "
+        f"values or a new --workdir.")
+
+
+class LoopResult(NamedTuple):
+  """What ``run_loop`` hands back: the final state, the final evaluation, the step time."""
+
+  state: Any
+  final_eval: dict
+  seconds_per_step: float  # Wall time per step, without the first (compiling) step and evals.
+
+
+def run_loop(config: ml_collections.ConfigDict, workdir: str, *, initial_state, restore_target,
+             place: Callable, step: Callable, evaluate: Callable,
+             differences: Callable[[dict, dict], list[str]],
+             train_line: Callable[[int, dict, float], str],
+             eval_line: Callable[[int, dict], str],
+             eval_at_start: bool = False) -> LoopResult:
+  """The loop ``train_and_evaluate`` and ``distill.train_and_evaluate`` share.
+
+  Resumes from the newest readable checkpoint in ``workdir/checkpoints`` (after
+  refusing a config whose ``differences`` from the saved ``config.json`` are
+  non-empty), runs ``step`` until ``config.train.num_steps``, logs every
+  ``log_every`` steps (stdout, ``metrics.jsonl``, TensorBoard), evaluates every
+  ``eval_every`` steps and at the end, checkpoints every ``checkpoint_every``
+  steps and at the end. SIGTERM/SIGINT: checkpoint, then ``Interrupted``.
+  ``max_nonfinite_steps`` consecutive non-finite steps: ``NonFiniteError``.
+
+  Args:
+    config: the validated config (``train`` section used here).
+    workdir: the run's directory (already locked by the caller).
+    initial_state: the state at step 0 (any layout).
+    restore_target: ``jax.ShapeDtypeStruct`` tree (with shardings) to restore into.
+    place: puts ``initial_state`` in the layout ``step`` expects.
+    step: ``state -> (state, metrics)``, the jitted step; the state carries
+      ``step`` and ``nonfinite_streak`` / ``nonfinite_total`` (``TrainState``).
+    evaluate: ``state -> dict`` of Python values (host side).
+    differences: ``(saved_record, record) -> ['field: old -> new', ...]``.
+    train_line: ``(step, metrics, steps_per_sec) -> str`` printed at log steps.
+    eval_line: ``(step, result) -> str`` printed after each evaluation.
+    eval_at_start: also evaluate a fresh run at step 0.
+
+  Returns:
+    ``LoopResult``.
+  """
   is_lead = jax.process_index() == 0
   record = _config_record(config)
   config_path = os.path.join(workdir, "config.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
+  log_path = os.path.join(workdir, "metrics.jsonl")
   manager = checkpointing.make_manager(ckpt_dir, config.train.keep_checkpoints,
                                        config.train.checkpoint_every)
   # Close the manager and the event writer on every path (errors included):
   # open ones can keep the interpreter from exiting.
   writer = None
   try:
-    if manager.all_steps() and os.path.exists(config_path):
-      with open(config_path) as f:
-        diffs = structural_differences(json.load(f), record)
-      if diffs:
-        raise ConfigMismatchError(
-            f"The config differs from the one the checkpoints in {workdir!r} were written "
-            f"with, in fields that change the train state: {'; '.join(diffs)}. Use the "
-            f"original values or a new --workdir.")
-    state = init_state(setup)
-    # Restored arrays land directly in the mesh layout (each host reads only
-    # its devices' shards); a fresh state is placed the same way, so the step
-    # compiles once for both.
-    restored = checkpointing.restore_latest(
-        manager, sharding.abstract_state(state, mesh, fsdp))
-    log_path = os.path.join(workdir, "metrics.jsonl")
+    check_config_matches(config, workdir, differences)
+    # Restored arrays land directly in the target's layout (each host reads
+    # only its devices' shards); a fresh state is placed the same way, so the
+    # step compiles once for both.
+    restored = checkpointing.restore_latest(manager, restore_target)
     if restored is not None:
       state, _, ckpt_step = restored
       print(f"Resuming from step {ckpt_step} ({workdir}).", flush=True)
       if is_lead:
         _truncate_log(log_path, ckpt_step)
     else:
-      state = sharding.place_state(state, mesh, fsdp)
+      state = place(initial_state)
     if is_lead:
       with open(config_path, "w") as f:
         json.dump(record, f, indent=2)
 
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     writer = SummaryWriter(workdir) if is_lead else None
-    train_step = make_train_step(setup, mesh)
-    evaluate, _ = make_evaluate(setup, mesh)
-    if mesh.devices.size > 1:
-      print(f"Data parallel over {mesh.devices.size} devices "
-            f"({'FSDP' if fsdp else 'replicated'} state).", flush=True)
     num_steps = config.train.num_steps
-    step = int(state.step)
-    last_time, last_step = time.time(), step
+    step_done = int(state.step)
+    last_time, last_step = time.time(), step_done
     pending = None  # Metrics of the previous step, pulled to the host one step late.
     streak = None  # The previous step's count of consecutive non-finite steps.
+    eval_seconds = 0.0
 
-    def log_train(step_done, aux):
+    def log_train(at, aux):
       nonlocal last_time, last_step
       now = time.time()
-      rate = (step_done - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, step_done
+      rate = (at - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, at
       aux = {k: float(v) for k, v in jax.device_get(aux).items()}
       if is_lead:
-        _write_scalars(writer, step_done, aux, "train")
-        writer.add_scalar("train/steps_per_sec", rate, step_done)
+        _write_scalars(writer, at, aux, "train")
+        writer.add_scalar("train/steps_per_sec", rate, at)
         with open(log_path, "a") as f:
-          f.write(json.dumps(dict(step=step_done, kind="train", **aux)) + "\n")
-        print(f"step {step_done:6d}/{num_steps}  loss {aux['loss']:.4f}  "
-              f"rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}  "
-              f"{rate:.1f} steps/s", flush=True)
+          f.write(json.dumps(dict(step=at, kind="train", **aux)) + "\n")
+        print(train_line(at, aux, rate), flush=True)
 
-    def run_eval(step_done):
-      result = _to_python(jax.device_get(evaluate(state.params)))
+    def run_eval(at):
+      nonlocal eval_seconds
+      start = time.time()
+      result = evaluate(state)
+      eval_seconds += time.time() - start
       if is_lead:
-        _write_scalars(writer, step_done, result, "eval")
+        _write_scalars(writer, at, result, "eval")
         with open(log_path, "a") as f:
-          f.write(json.dumps(dict(step=step_done, kind="eval", **{
+          f.write(json.dumps(dict(step=at, kind="eval", **{
               k: v for k, v in result.items() if k != "samples"})) + "\n")
-        print(f"eval @ {step_done}: coverage {result['coverage']:.2f}  validity "
-              f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
-              f"usage {[round(v, 2) for v in result['latent_usage']]}", flush=True)
+        print(eval_line(at, result), flush=True)
       return result
 
+    def flush_log():
+      nonlocal pending
+      if pending is not None:
+        log_train(*pending)
+        pending = None
+
+    if eval_at_start and step_done == 0:
+      run_eval(0)
+    timed_from, timed_start = None, None  # Step timing excludes the first (compiling) step.
     with _stop_on_signals() as signals:
-      while step < num_steps:
-        state, aux = train_step(state)  # Dispatch; the device runs ahead of the host.
-        step += 1
+      while step_done < num_steps:
+        state, aux = step(state)  # Dispatch; the device runs ahead of the host.
+        step_done += 1
+        if timed_from is None:
+          jax.block_until_ready(state)
+          timed_from, timed_start, eval_seconds = step_done, time.time(), 0.0
         if streak is not None and int(streak) >= config.train.max_nonfinite_steps:
-          if pending is not None:
-            log_train(*pending)
+          flush_log()
           manager.wait_until_finished()
-          latest = manager.latest_step()
           raise NonFiniteError(
-              f"{int(streak)} consecutive steps ending at step {step - 1} had a non-finite "
-              f"loss or gradient (parameters were left unchanged by each). The newest "
-              f"checkpoint is step {latest} in {ckpt_dir}. Lower optim.learning_rate or "
-              f"inspect the inputs, then rerun to resume from it.")
+              f"{int(streak)} consecutive steps ending at step {step_done - 1} had a "
+              f"non-finite loss or gradient (parameters were left unchanged by each). The "
+              f"newest checkpoint is step {manager.latest_step()} in {ckpt_dir}. Lower "
+              f"optim.learning_rate or inspect the inputs, then rerun to resume from it.")
         streak = state.nonfinite_streak
-        if pending is not None:
-          log_train(*pending)
-          pending = None
-        if step % config.train.log_every == 0 or step == num_steps:
-          pending = (step, aux)
-        if step % config.train.eval_every == 0 and step != num_steps:
-          run_eval(step)
-        checkpointing.save(manager, step, state, dict(step=step))
+        flush_log()
+        if step_done % config.train.log_every == 0 or step_done == num_steps:
+          pending = (step_done, aux)
+        if step_done % config.train.eval_every == 0 and step_done != num_steps:
+          run_eval(step_done)
+        checkpointing.save(manager, step_done, state, dict(step=step_done))
         if signals:
-          if pending is not None:
-            log_train(*pending)
-          if manager.latest_step() != step:
-            checkpointing.save(manager, step, state, dict(step=step), force=True)
+          flush_log()
+          if manager.latest_step() != step_done:
+            checkpointing.save(manager, step_done, state, dict(step=step_done), force=True)
           manager.wait_until_finished()
           name = signal.Signals(signals[0]).name
-          print(f"{name} received: checkpoint saved at step {step} in {ckpt_dir}; "
+          print(f"{name} received: checkpoint saved at step {step_done} in {ckpt_dir}; "
                 f"rerun the same command to resume.", flush=True)
-          raise Interrupted(f"{name} at step {step}; checkpoint saved in {ckpt_dir}.")
-    if pending is not None:
-      log_train(*pending)
-    if not manager.all_steps() or manager.latest_step() != step:
-      checkpointing.save(manager, step, state, dict(step=step), force=True)
+          raise Interrupted(f"{name} at step {step_done}; checkpoint saved in {ckpt_dir}.")
+    jax.block_until_ready(state)
+    seconds_per_step = float("nan")
+    if timed_from is not None and step_done > timed_from:
+      seconds_per_step = (time.time() - timed_start - eval_seconds) / (step_done - timed_from)
+    flush_log()
+    if not manager.all_steps() or manager.latest_step() != step_done:
+      checkpointing.save(manager, step_done, state, dict(step=step_done), force=True)
     manager.wait_until_finished()
-    result = run_eval(step)
-    summary = dict(
-        steps=step,
-        coverage=result["coverage"],
-        validity=result["validity"],
-        latent_usage=result["latent_usage"],
-        nmi=result["nmi"],
-        token_jsd=result["token_jsd"],
-        nll=result["nll"],
-        seq_kl=result["seq_kl"],
-        seq_kl_stderr=result["seq_kl_stderr"],
-        assignment=result["assignment"],
-        confusion=result["confusion"],
-        nonfinite_steps=int(state.nonfinite_total),
-        exact_match=result["exact_match"],
-        edit_distance=result["edit_distance"],
-        kl_payoff_to_model=result["kl_payoff_to_model"],
-        task=config.task.name,
-    )
-    if is_lead:
-      with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return LoopResult(state, run_eval(step_done), seconds_per_step)
   finally:
     manager.close()
     if writer is not None:
       writer.close()
 
 
+def write_summary(workdir: str, summary: dict) -> None:
+  """``workdir/summary.json`` (written by process 0 only)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+
+
+def _train_and_evaluate(setup: Setup, workdir: str, mesh: jax.sharding.Mesh) -> dict:
+  config = setup.config
+  fsdp = config.train.fsdp
+  state = init_state(setup)
+  train_step = make_train_step(setup, mesh)
+  evaluate, _ = make_evaluate(setup, mesh)
+  num_steps = config.train.num_steps
+  if mesh.devices.size > 1:
+    print(f"Data parallel over {mesh.devices.size} devices "
+          f"({'FSDP' if fsdp else 'replicated'} state).", flush=True)
+
+  def train_line(step, aux, rate):
+    return (f"step {step:6d}/{num_steps}  loss {aux['loss']:.4f}  rec {aux['rec_loss']:.4f}  "
+            f"jsd {aux['token_jsd']:.4f}  {rate:.1f} steps/s")
+
+  def eval_line(step, result):
+    return (f"eval @ {step}: coverage {result['coverage']:.2f}  validity "
+            f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
+            f"usage {[round(v, 2) for v in result['latent_usage']]}")
+
+  # (The step time stays out of this summary: equal runs have equal summaries.)
+  state, result, _ = run_loop(
+      config, workdir, initial_state=state,
+      restore_target=sharding.abstract_state(state, mesh, fsdp),
+      place=lambda s: sharding.place_state(s, mesh, fsdp), step=train_step,
+      evaluate=lambda s: _to_python(jax.device_get(evaluate(s.params))),
+      differences=structural_differences, train_line=train_line, eval_line=eval_line)
+  summary = dict(
+      steps=int(state.step),
+      coverage=result["coverage"],
+      validity=result["validity"],
+      latent_usage=result["latent_usage"],
+      nmi=result["nmi"],
+      token_jsd=result["token_jsd"],
+      nll=result["nll"],
+      seq_kl=result["seq_kl"],
+      seq_kl_stderr=result["seq_kl_stderr"],
+      assignment=result["assignment"],
+      confusion=result["confusion"],
+      nonfinite_steps=int(state.nonfinite_total),
+      exact_match=result["exact_match"],
+      edit_distance=result["edit_distance"],
+      kl_payoff_to_model=result["kl_payoff_to_model"],
+      task=config.task.name,
+  )
+  write_summary(workdir, summary)
+  return summary

@@ -1,6 +1,7 @@
 """Every config rule rejects bad values with a ValueError naming the field, before compiling."""
 
 from absl.testing import parameterized
+import ml_collections
 
 from latentdiv import config as config_lib
 from latentdiv import train
@@ -18,6 +19,22 @@ def _config(**overrides):
 
 
 class ValidateTest(parameterized.TestCase):
+
+  def test_unknown_fields_are_named_with_the_closest_known_ones(self):
+    # What a config file can do that the command line cannot: add a field.
+    misspelt = config_lib.base_config()
+    misspelt.train.batchsize = 8
+    with self.assertRaisesRegex(ValueError, r"config\.train\.batchsize is not a field.*"
+                                r"Did you mean config\.train\.batch_size\?"):
+      config_lib.validate(misspelt)
+    section = config_lib.base_config()
+    section.trian = config_lib.base_config().train
+    with self.assertRaisesRegex(ValueError, r"config\.trian .*config\.train\?"):
+      config_lib.validate(section)
+    flattened = ml_collections.ConfigDict(config_lib.base_config().to_dict(), type_safe=False)
+    flattened.optim = 0.1
+    with self.assertRaisesRegex(ValueError, r"config\.optim must be a section"):
+      config_lib.validate(flattened)
 
   def test_base_and_default_configs_are_valid(self):
     config_lib.validate(config_lib.base_config())

@@ -421,6 +421,8 @@ class ConfigAndMismatchTest(parameterized.TestCase):
       ("missing_workdir", dict(teacher_workdir="/nonexistent/x"), "cannot read"),
       ("response_len", dict(response_len=9), r"config.distill.response_len must be in"),
       ("off_policy", dict(gkd_off_policy="student"), "gkd_off_policy must be one of"),
+      ("unknown", dict(estimatr="kl_to_go"),
+       r"config.distill.estimatr is not a field.*config.distill.estimator\?"),
   )
   def test_invalid_fields_are_named(self, fields, pattern):
     config = _student_config(self.teacher_dir)
