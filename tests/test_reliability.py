@@ -48,7 +48,6 @@ from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from latentdiv import checkpointing
 from latentdiv import config as config_lib
