@@ -52,12 +52,9 @@ halves compilation on a CPU; turn it off on an accelerator. Runs execute in
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -73,25 +70,15 @@ import jax  # noqa: E402  (the XLA backend starts at first use, after XLA_FLAGS 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import sweep  # noqa: E402
 from experiments.configs import raml as raml_config  # noqa: E402
 from latentdiv import checkpointing  # noqa: E402
 from latentdiv import model as model_lib  # noqa: E402
 from latentdiv import raml  # noqa: E402
 from latentdiv import train  # noqa: E402
 
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
-
-
-def _define_shared(define, name, *args, **kwargs):
-  """Defines a flag that experiments/research.py and raml_compare.py both have.
-
-  Both modules are imported by the test suite in one process; absl refuses a
-  second definition of the same name, so the second module reuses the first's.
-  """
-  if name in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
-  return define(name, *args, **kwargs)
+FAST_COMPILE_FLAGS = sweep.FAST_COMPILE_FLAGS
+_define_shared = sweep.define_shared_flag
 
 
 _ROOT = _define_shared(flags.DEFINE_string, "root", "workdir/raml", "Directory of the runs.")
@@ -254,34 +241,11 @@ def extra_eval(config, workdir: str, kl_tau: float, kl_samples: int) -> dict:
 def run_one(arm: str, seed: int, workdir: str, num_steps: int = 0, kl_tau: float = 0.8,
             kl_samples: int = 16) -> dict:
   """Trains one run (unless its summary exists) and writes ``raml.json`` beside it."""
-
   config = get_config(arm, seed, num_steps)
-  os.makedirs(workdir, exist_ok=True)
-  summary_path = os.path.join(workdir, "summary.json")
-  record_path = os.path.join(workdir, "raml.json")
-  record = {}
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
-  if not os.path.exists(summary_path):
-    start = time.time()
-    with open(os.path.join(workdir, "train.log"), "a") as log, \
-        contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-      train.train_and_evaluate(config, workdir)
-    record = dict(wall_s=time.time() - start)
-  if record.get("kl_tau") != kl_tau or record.get("kl_samples") != kl_samples:
-    record.update(extra_eval(config, workdir, kl_tau, kl_samples))
-    record.setdefault("wall_s", None)  # Trained by an earlier invocation without a record.
-    with open(record_path, "w") as f:
-      json.dump(record, f, indent=2)
-  return record
-
-
-def _init_worker(cache_dir: str):
-  try:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-  except Exception:  # pylint: disable=broad-except
-    pass  # The persistent cache only speeds up a rerun and the shared small programs.
+  return sweep.train_once(
+      config, workdir, "raml.json",
+      needs_extra=lambda r: r.get("kl_tau") != kl_tau or r.get("kl_samples") != kl_samples,
+      extra_eval=lambda: extra_eval(config, workdir, kl_tau, kl_samples))
 
 
 def _job_cost(job) -> tuple:
@@ -305,44 +269,17 @@ def run_all(root: str, arm_names, seeds: int, workers: int, num_steps: int = 0,
           continue
       jobs.append((arm, seed, workdir))
   jobs.sort(key=_job_cost, reverse=True)
-  if not jobs:
-    print(f"All runs under {root} are finished.", flush=True)
-    return
-  print(f"{len(jobs)} run(s) to do under {root} with {workers} worker(s).", flush=True)
-  cache_dir = os.path.join(os.path.abspath(root), ".jax_cache")
-  start = time.time()
-  kwargs = dict(num_steps=num_steps, kl_tau=kl_tau, kl_samples=kl_samples)
 
-  def report(job, record):
+  def report(job, record, elapsed):
     arm, seed, workdir = job
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)
-    wall = record.get("wall_s")
-    wall = "?" if wall is None else f"{wall:.0f}s"
-    print(f"[{time.time() - start:6.0f}s] {arm:14s} seed {seed}: done ({wall}, exact match "
-          f"{summary['exact_match']:.3f}, edit distance {summary['edit_distance']:.3f})",
+    print(f"[{elapsed:6.0f}s] {arm:14s} seed {seed}: done ({sweep.wall_text(record)}, exact "
+          f"match {summary['exact_match']:.3f}, edit distance {summary['edit_distance']:.3f})",
           flush=True)
 
-  previous_flags = os.environ.get("XLA_FLAGS")
-  if fast_compile:  # Read when a worker's XLA backend starts (spawned workers inherit it).
-    os.environ["XLA_FLAGS"] = f"{previous_flags or ''} {FAST_COMPILE_FLAGS}".strip()
-  try:
-    if workers <= 1:
-      _init_worker(cache_dir)
-      for job in jobs:
-        report(job, run_one(*job, **kwargs))
-      return
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(cache_dir,)) as pool:
-      futures = {pool.submit(run_one, *job, **kwargs): job for job in jobs}
-      for future in concurrent.futures.as_completed(futures):
-        report(futures[future], future.result())
-  finally:
-    if previous_flags is None:
-      os.environ.pop("XLA_FLAGS", None)
-    else:
-      os.environ["XLA_FLAGS"] = previous_flags
+  sweep.run_jobs(jobs, run_one, root, workers, report, fast_compile=fast_compile,
+                 num_steps=num_steps, kl_tau=kl_tau, kl_samples=kl_samples)
 
 
 # -------------------------------------------------------------- aggregation

@@ -40,13 +40,10 @@ machine); the wall time of a run includes its compilation.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
 import importlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -59,18 +56,11 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import sweep  # noqa: E402
 from experiments.configs import research_common  # noqa: E402
 
 
-def _define_shared(define, name, *args, **kwargs):
-  """Defines a flag that experiments/research.py and raml_compare.py both have.
-
-  Both modules are imported by the test suite in one process; absl refuses a
-  second definition of the same name, so the second module reuses the first's.
-  """
-  if name in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
-  return define(name, *args, **kwargs)
+_define_shared = sweep.define_shared_flag
 
 
 _ROOT = _define_shared(flags.DEFINE_string, "root", "workdir/research", "Directory of the runs.")
@@ -182,36 +172,10 @@ def extra_eval(config, workdir: str) -> dict:
 
 def run_one(arm: str, task: str, seed: int, workdir: str, num_steps: int = 0) -> dict:
   """Trains one run (unless its summary exists) and writes ``research.json`` beside it."""
-  from latentdiv import train  # pylint: disable=import-outside-toplevel
-
   config = get_config(arm, task, seed, num_steps)
-  os.makedirs(workdir, exist_ok=True)
-  summary_path = os.path.join(workdir, "summary.json")
-  record_path = os.path.join(workdir, "research.json")
-  record = {}
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
-  if not os.path.exists(summary_path):
-    start = time.time()
-    with open(os.path.join(workdir, "train.log"), "a") as log, \
-        contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-      train.train_and_evaluate(config, workdir)
-    record = dict(wall_s=time.time() - start)
-  if "per_example_coverage" not in record:
-    record.update(extra_eval(config, workdir))
-    record.setdefault("wall_s", None)  # Trained by an earlier invocation without a record.
-    with open(record_path, "w") as f:
-      json.dump(record, f, indent=2)
-  return record
-
-
-def _init_worker(cache_dir: str):
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-  except Exception:  # pylint: disable=broad-except
-    pass  # The persistent cache only speeds up a rerun.
+  return sweep.train_once(config, workdir, "research.json",
+                          needs_extra=lambda r: "per_example_coverage" not in r,
+                          extra_eval=lambda: extra_eval(config, workdir))
 
 
 def run_all(root: str, tasks, arms, seeds: int, workers: int, num_steps: int = 0) -> None:
@@ -225,31 +189,14 @@ def run_all(root: str, tasks, arms, seeds: int, workers: int, num_steps: int = 0
           jobs.append((arm, task, seed, workdir))
   cost = lambda job: (job[0].startswith("seq"), job[1] == "late", -job[2])  # noqa: E731
   jobs.sort(key=cost, reverse=True)
-  if not jobs:
-    print(f"All runs under {root} are finished.", flush=True)
-    return
-  print(f"{len(jobs)} run(s) to do under {root} with {workers} worker(s).", flush=True)
-  cache_dir = os.path.join(os.path.abspath(root), ".jax_cache")
-  start = time.time()
 
-  def report(job, record):
+  def report(job, record, elapsed):
     arm, task, seed, _ = job
-    wall = record.get("wall_s")
-    wall = "?" if wall is None else f"{wall:.0f}s"
-    print(f"[{time.time() - start:6.0f}s] {task:5s} {arm:8s} seed {seed}: done ({wall}, "
-          f"per-example coverage {record['per_example_coverage']:.3f})", flush=True)
+    print(f"[{elapsed:6.0f}s] {task:5s} {arm:8s} seed {seed}: done "
+          f"({sweep.wall_text(record)}, per-example coverage "
+          f"{record['per_example_coverage']:.3f})", flush=True)
 
-  if workers <= 1:
-    _init_worker(cache_dir)
-    for job in jobs:
-      report(job, run_one(*job, num_steps=num_steps))
-    return
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=context, initializer=_init_worker, initargs=(cache_dir,)) as pool:
-    futures = {pool.submit(run_one, *job, num_steps=num_steps): job for job in jobs}
-    for future in concurrent.futures.as_completed(futures):
-      report(futures[future], future.result())
+  sweep.run_jobs(jobs, run_one, root, workers, report, num_steps=num_steps)
 
 
 # -------------------------------------------------------------- aggregation
