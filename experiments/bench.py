@@ -672,8 +672,9 @@ def train_case(name: str, size: str, length: int, batch: int, overrides: dict | 
   else:
     setup = train.build(train_config(size, length, batch, **overrides))
     state = jax.jit(lambda: train.init_state(setup))()
-    compiled, compile_s = compile_fn(train.make_train_step(setup), state)
-    args = (state,)
+    step = train.make_train_step(setup)
+    compiled, compile_s = compile_fn(step, state)
+    args = (state, *step.bound_args)  # The compiled step takes the data key as an argument.
     flops_analytic = train_step_flops(setup)
     has_loop = setup.config.seq_pg.lambda_pg > 0
     params = state.params

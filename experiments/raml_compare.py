@@ -41,9 +41,11 @@ also evaluating it with the summary's τ, samples and key
 payoff has no tractable density, hence the Hamming q for every arm.
 
 Speed: compilation dominates these small runs on a CPU (a train step and the
-evaluation compile in ~20–60 s each, training 300 steps takes ~10–30 s), and
-runs that differ only in seed or τ do not share compiled programs (the seed's
-keys and τ are constants of the jitted step). ``--xla_fast_compile`` (default
+evaluation compile in ~20–60 s each, training 300 steps takes ~10–30 s). Runs
+that differ only in seed compile to the same programs (keys and the
+evaluation batch are arguments, not constants) and share them through the
+persistent compilation cache ``ROOT/.jax_cache``; τ and ε are constants of
+the step, so each arm compiles once. ``--xla_fast_compile`` (default
 on) sets ``XLA_FLAGS=--xla_backend_optimization_level=0
 --xla_llvm_disable_expensive_passes=true`` in the worker processes, which
 halves compilation on a CPU; turn it off on an accelerator. Runs execute in

@@ -242,8 +242,9 @@ def constrain_batch(batch, mesh: Mesh):
 
 
 def jit_data_parallel(step: Callable, mesh: Mesh, state: Any = None, fsdp: bool = False,
-                      donate: bool = False, min_size: int = FSDP_MIN_SIZE) -> Callable:
-  """Jits ``step(state) -> (state, metrics)`` with the state on the mesh.
+                      donate: bool = False, min_size: int = FSDP_MIN_SIZE,
+                      num_replicated_args: int = 0) -> Callable:
+  """Jits ``step(state, *args) -> (state, metrics)`` with the state on the mesh.
 
   The state (parameters, optimiser state, PRNG key, estimator state) is
   replicated (or FSDP-sharded with ``fsdp=True``) in and out; metrics come out
@@ -258,6 +259,8 @@ def jit_data_parallel(step: Callable, mesh: Mesh, state: Any = None, fsdp: bool 
     fsdp: split large state arrays over ``'data'`` instead of replicating them.
     donate: donate the input state's buffers to the output.
     min_size: with ``fsdp``, arrays smaller than this stay replicated.
+    num_replicated_args: how many arguments follow the state (e.g. a data
+      key); each is replicated.
 
   Returns:
     The jitted step. Its input state must already be laid out as declared
@@ -269,5 +272,6 @@ def jit_data_parallel(step: Callable, mesh: Mesh, state: Any = None, fsdp: bool 
     shardings = state_shardings(state, mesh, True, min_size)
   else:
     shardings = replicated(mesh)  # A prefix: every leaf of the state.
-  return jax.jit(step, in_shardings=(shardings,), out_shardings=(shardings, replicated(mesh)),
+  return jax.jit(step, in_shardings=(shardings,) + (replicated(mesh),) * num_replicated_args,
+                 out_shardings=(shardings, replicated(mesh)),
                  donate_argnums=(0,) if donate else ())

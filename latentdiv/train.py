@@ -257,6 +257,9 @@ def pg_weight(config, step) -> jax.Array:
 def make_train_step(setup: Setup, mesh: jax.sharding.Mesh | None = None):
   """The jitted ``train_step(state) -> (state, metrics)`` for ``setup``.
 
+  A ``BoundJit``: the run's data key is bound as an argument of the compiled
+  program, so seeds share it (``.lower(state)`` gives the program).
+
   Args:
     setup: from ``build``.
     mesh: optional 1-D data mesh (``sharding.make_mesh``). With it the batch
@@ -288,7 +291,7 @@ def make_train_step(setup: Setup, mesh: jax.sharding.Mesh | None = None):
     aux["loss"] = loss
     return loss, (aux, new_extra)
 
-  def train_step(state: TrainState):
+  def train_step(state: TrainState, dkey: jax.Array):
     batch = setup.task.sample(jax.random.fold_in(dkey, state.step), config.train.batch_size)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
@@ -313,9 +316,37 @@ def make_train_step(setup: Setup, mesh: jax.sharding.Mesh | None = None):
     return new_state, aux
 
   if mesh is None:
-    return jax.jit(train_step)
-  return sharding.jit_data_parallel(train_step, mesh, jax.eval_shape(lambda: init_state(setup)),
-                                    fsdp=config.train.fsdp)
+    jitted = jax.jit(train_step)
+  else:
+    jitted = sharding.jit_data_parallel(
+        train_step, mesh, jax.eval_shape(lambda: init_state(setup)), fsdp=config.train.fsdp,
+        num_replicated_args=1)
+  return BoundJit(jitted, dkey)
+
+
+class BoundJit:
+  """A jitted ``fn(x, *bound)`` with its trailing arguments bound: ``f(x)``.
+
+  The bound arrays (a seed's data key, the evaluation batch) are ARGUMENTS of
+  the compiled program rather than constants inside it, so runs that differ
+  only in their seed compile to the same program (a hit in JAX's persistent
+  compilation cache, ``jax_compilation_cache_dir``, across a sweep).
+  ``lower`` and ``_cache_size`` are the jitted function's, for inspection.
+  """
+
+  def __init__(self, jitted: Callable, *bound):
+    self._jitted, self.bound_args = jitted, bound
+    self.__name__ = getattr(jitted, "__name__", "bound_jit")
+
+  def __call__(self, x):
+    return self._jitted(x, *self.bound_args)
+
+  def lower(self, x):
+    """The jitted function lowered at ``(x, *bound_args)``; its compiled form takes all of them."""
+    return self._jitted.lower(x, *self.bound_args)
+
+  def _cache_size(self) -> int:
+    return self._jitted._cache_size()  # pylint: disable=protected-access
 
 
 def make_evaluate(setup: Setup, mesh: jax.sharding.Mesh | None = None):
@@ -336,8 +367,9 @@ def make_evaluate(setup: Setup, mesh: jax.sharding.Mesh | None = None):
   lo, hi = content_alphabet(setup)
 
   @jax.jit
-  def evaluate(params):
-    batch = eval_batch if mesh is None else sharding.constrain_batch(eval_batch, mesh)
+  def evaluate(params, batch, eval_key):
+    if mesh is not None:
+      batch = sharding.constrain_batch(batch, mesh)
     rollout = sampling.sample_latents(setup.model, params, batch.prompt,
                                       jax.random.fold_in(eval_key, 1), task.target_len,
                                       greedy=config.eval.greedy)
@@ -389,7 +421,7 @@ def make_evaluate(setup: Setup, mesh: jax.sharding.Mesh | None = None):
         samples=rollout.tokens[:4],
     )
 
-  return evaluate, eval_batch
+  return BoundJit(evaluate, eval_batch, eval_key), eval_batch
 
 
 def _to_python(tree):

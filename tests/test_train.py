@@ -109,6 +109,21 @@ class TrainStepTest(parameterized.TestCase):
     for marker in ("callback", "host_compute", "outfeed"):
       self.assertNotIn(marker, hlo.lower())
 
+  def test_seeds_compile_to_the_same_programs(self):
+    # Keys and the evaluation batch are arguments, not constants: a sweep over
+    # seeds hits JAX's persistent compilation cache after the first run.
+    texts = []
+    for seed in (0, 1):
+      config = tiny_config(lambda_pg=0.1, rollout_len=3)
+      config.seed = seed
+      setup = train.build(config)
+      state = train.init_state(setup)
+      evaluate, _ = train.make_evaluate(setup)
+      texts.append((train.make_train_step(setup).lower(state).as_text(),
+                     evaluate.lower(state.params).as_text()))
+    self.assertEqual(texts[0][0], texts[1][0])
+    self.assertEqual(texts[0][1], texts[1][1])
+
   @parameterized.parameters("raml", "label_smoothing")
   def test_raml_and_label_smoothing_steps(self, targets):
     config = tiny_config()
