@@ -132,21 +132,25 @@ def shard_batch(batch, mesh: Mesh):
       lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), batch)
 
 
+def _put(tree, shardings):
+  """Each leaf of ``tree`` placed with its sharding (multi-process: each host keeps its shards)."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(jax.device_put, tree, shardings)
+
+  def put(a, sharding):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def replicate(tree, mesh: Mesh):
   """A full copy of every leaf of ``tree`` on every device of ``mesh``.
 
   Multi-process: every process must pass the same values (e.g. parameters
   initialised from the same seed, or restored from the same checkpoint).
   """
-  sharding = replicated(mesh)
-  if jax.process_count() == 1:
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
-
-  def put(a):
-    a = np.asarray(a)
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-  return jax.tree_util.tree_map(put, tree)
+  return _put(tree, jax.tree_util.tree_map(lambda _: replicated(mesh), tree))
 
 
 def fsdp_spec(shape: tuple[int, ...], num_devices: int, axis_name: str = DATA_AXIS,
@@ -217,17 +221,7 @@ def place_state(state, mesh: Mesh, fsdp: bool = False, min_size: int = FSDP_MIN_
   Multi-process: every process passes the same values (same seed or the same
   restored checkpoint); each keeps only its devices' shards.
   """
-  if not fsdp:
-    return replicate(state, mesh)
-  shardings = state_shardings(state, mesh, True, min_size)
-  if jax.process_count() == 1:
-    return jax.tree_util.tree_map(jax.device_put, state, shardings)
-
-  def put(a, sharding):
-    a = np.asarray(a)
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-  return jax.tree_util.tree_map(put, state, shardings)
+  return _put(state, state_shardings(state, mesh, fsdp, min_size))
 
 
 def constrain_batch(batch, mesh: Mesh):
