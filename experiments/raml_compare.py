@@ -74,7 +74,6 @@ import numpy as np  # noqa: E402
 
 from experiments import sweep  # noqa: E402
 from experiments.configs import raml as raml_config  # noqa: E402
-from latentdiv import checkpointing  # noqa: E402
 from latentdiv import model as model_lib  # noqa: E402
 from latentdiv import raml  # noqa: E402
 from latentdiv import train  # noqa: E402
@@ -207,25 +206,12 @@ def _payoff_kl_jit(model, params, prompt_BxP, target_BxT, key, tau, num_samples,
   return log_q - log_p.reshape((batch, n)), samples
 
 
-def _eval_key(seed: int):
-  return jax.random.fold_in(jax.random.PRNGKey(seed), 3)  # As in train.make_evaluate.
-
-
 def extra_eval(config, workdir: str, kl_tau: float, kl_samples: int) -> dict:
   """``KL(q_{kl_tau} ‖ p_θ)`` of the newest checkpoint, and the summary's KL recomputed."""
-  setup = train.build(config)
-  state = train.init_state(setup)
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                       config.train.keep_checkpoints,
-                                       config.train.checkpoint_every)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}.")
-  params = restored[0].params
+  setup, params = sweep.restore_newest_params(config, workdir)
   _, batch = train.make_evaluate(setup)  # The evaluation batch; nothing compiles.
   alphabet = train.content_alphabet(setup)
-  eval_key = _eval_key(config.seed)
+  eval_key = train.eval_key(config)
   diff, _ = payoff_kl_terms(setup.model, params, batch.prompt, batch.target,
                             jax.random.fold_in(eval_key, 7), kl_tau, kl_samples, alphabet)
   own, _ = payoff_kl_terms(setup.model, params, batch.prompt, batch.target,
@@ -289,17 +275,7 @@ def run_all(root: str, arm_names, seeds: int, workers: int, num_steps: int = 0,
 
 def load_run(workdir: str) -> dict | None:
   """``summary.json`` and ``raml.json`` of one run (None if it has no summary)."""
-  summary_path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(summary_path):
-    return None
-  with open(summary_path) as f:
-    summary = json.load(f)
-  record = {}
-  record_path = os.path.join(workdir, "raml.json")
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
-  return dict(summary=summary, record=record)
+  return sweep.load_run(workdir, "raml.json")
 
 
 def run_metrics(run: dict) -> dict:
@@ -344,13 +320,6 @@ def aggregate(root: str, arm_names, seeds: int) -> dict:
   return table
 
 
-def _format(mean: float, std: float, fmt: str) -> str:
-  if math.isnan(mean):
-    return "—"
-  text = fmt.format(mean)
-  return text if math.isnan(std) else f"{text} ± {fmt.replace('+', '').format(std)}"
-
-
 def arm_label(arm: str) -> str:
   """``"hamming,0.65"`` -> ``"RAML, Hamming, τ = 0.65"``."""
   kind, value = raml_config.parse_arm(arm)
@@ -368,7 +337,7 @@ def markdown_table(table: dict, arm_names) -> str:
       continue
     cell = table[arm]
     seeds = max(n for _, _, n in cell.values())
-    values = " | ".join(_format(cell[k][0], cell[k][1], fmt) for k, _, fmt in COLUMNS)
+    values = " | ".join(sweep.format_mean_std(cell[k][0], cell[k][1], fmt) for k, _, fmt in COLUMNS)
     lines.append(f"| {arm_label(arm)} | {seeds} | {values} |")
   return "\n".join(lines)
 
@@ -377,16 +346,9 @@ PLOTTED = (("exact_match", "greedy exact match"), ("edit_distance", "mean edit d
            ("nll", "NLL / token of y*"), ("kl", "KL(q ‖ p_θ) (nats)"))
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
 def plot(table: dict, arm_names, path: str, kl_tau: float | None = None) -> None:
   """Metrics vs τ (RAML) and vs ε (label smoothing), ML as a line; mean ± std over seeds."""
-  plt = _pyplot()
+  plt = sweep.pyplot()
   by_kind = {kind: [] for kind in KINDS}
   for arm in arm_names:
     if arm in table:

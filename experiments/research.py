@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -146,20 +145,11 @@ def _sample_matches_fn():
 def extra_eval(config, workdir: str) -> dict:
   """Per-example coverage of the newest checkpoint in ``workdir`` on the evaluation set."""
   import jax  # pylint: disable=import-outside-toplevel
-  from latentdiv import checkpointing, train  # pylint: disable=import-outside-toplevel
+  from latentdiv import train  # pylint: disable=import-outside-toplevel
 
-  setup = train.build(config)
-  state = train.init_state(setup)
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                       config.train.keep_checkpoints,
-                                       config.train.checkpoint_every)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}.")
-  params = restored[0].params
+  setup, params = sweep.restore_newest_params(config, workdir)
   _, batch = train.make_evaluate(setup)  # The evaluation batch; nothing compiles.
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+  eval_key = train.eval_key(config)
   matches = np.asarray(_sample_matches_fn()(
       setup.model, params, batch.prompt, batch.valid_outputs,
       jax.random.fold_in(eval_key, 1), setup.task.target_len))
@@ -204,20 +194,14 @@ def run_all(root: str, tasks, arms, seeds: int, workers: int, num_steps: int = 0
 
 def load_run(workdir: str) -> dict | None:
   """``summary.json``, ``research.json`` and the ``metrics.jsonl`` lines of one run."""
-  summary_path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(summary_path):
+  run = sweep.load_run(workdir, "research.json")
+  if run is None:
     return None
-  with open(summary_path) as f:
-    summary = json.load(f)
-  record = {}
-  if os.path.exists(os.path.join(workdir, "research.json")):
-    with open(os.path.join(workdir, "research.json")) as f:
-      record = json.load(f)
   lines = []
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       lines = [json.loads(line) for line in f if line.strip()]
-  return dict(summary=summary, record=record, lines=lines)
+  return dict(run, lines=lines)
 
 
 def run_metrics(run: dict) -> dict:
@@ -251,13 +235,6 @@ def aggregate(root: str, tasks, arms, seeds: int) -> dict:
   return table
 
 
-def _format(mean: float, std: float, fmt: str) -> str:
-  if math.isnan(mean):
-    return "—"
-  text = fmt.format(mean)
-  return text if math.isnan(std) else f"{text} ± {fmt.format(std)}"
-
-
 def markdown_table(table: dict, tasks, arms) -> str:
   """The aggregated metrics as a Markdown table, one row per (task, arm)."""
   header = "| task | arm | seeds | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
@@ -268,7 +245,7 @@ def markdown_table(table: dict, tasks, arms) -> str:
         continue
       cell = table[(task, arm)]
       seeds = max(n for _, _, n in cell.values())
-      values = " | ".join(_format(cell[k][0], cell[k][1], fmt) for k, _, fmt in COLUMNS)
+      values = " | ".join(sweep.format_mean_std(cell[k][0], cell[k][1], fmt) for k, _, fmt in COLUMNS)
       lines.append(f"| {task} | {research_common.ARM_LABELS[arm]} | {seeds} | {values} |")
   return "\n".join(lines)
 
@@ -289,16 +266,9 @@ def eval_curves(run: dict) -> dict:
   return {k: (steps, np.array(v, float)) for k, v in curves.items()}
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
 def plot_curves(root: str, tasks, arms, seeds: int, path: str) -> None:
   """Learning curves: one row per task, one column per metric, one line per arm."""
-  plt = _pyplot()
+  plt = sweep.pyplot()
   fig, axes = plt.subplots(len(tasks), len(CURVES), figsize=(4.2 * len(CURVES), 3.4 * len(tasks)),
                            squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -337,7 +307,7 @@ def plot_confusion(root: str, tasks, arms, seeds: int, path: str) -> None:
   One row per (task, seed), one column per arm; within a panel the latents are
   sorted by the strategy they produce most (a relabelling, for readability).
   """
-  plt = _pyplot()
+  plt = sweep.pyplot()
   rows = [(task, seed) for task in tasks for seed in range(seeds)]
   fig, axes = plt.subplots(len(rows), len(arms), figsize=(2.3 * len(arms), 2.2 * len(rows)),
                            squeeze=False)

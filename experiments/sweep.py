@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -126,3 +127,56 @@ def wall_text(record: dict) -> str:
   """A record's training wall time as ``'123s'`` (``'?'`` when unknown)."""
   wall = record.get("wall_s")
   return "?" if wall is None else f"{wall:.0f}s"
+
+
+def restore_newest_params(config, workdir: str):
+  """``(setup, params)``: the config's setup and the parameters of the newest checkpoint in ``workdir``.
+
+  Raises:
+    FileNotFoundError: ``workdir`` holds no readable checkpoint.
+  """
+  from latentdiv import checkpointing, train  # pylint: disable=import-outside-toplevel
+  setup = train.build(config)
+  state = train.init_state(setup)
+  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                       config.train.keep_checkpoints,
+                                       config.train.checkpoint_every)
+  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}.")
+  return setup, restored[0].params
+
+
+def load_run(workdir: str, record_name: str) -> dict | None:
+  """``dict(summary, record)`` of one run: ``summary.json`` and its record (``{}`` if absent).
+
+  None if the run has no summary (not finished).
+  """
+  summary_path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(summary_path):
+    return None
+  with open(summary_path) as f:
+    summary = json.load(f)
+  record = {}
+  record_path = os.path.join(workdir, record_name)
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+  return dict(summary=summary, record=record)
+
+
+def format_mean_std(mean: float, std: float, fmt: str) -> str:
+  """``'0.71 ± 0.08'`` with ``fmt`` (a sign flag is dropped for the std); ``'—'`` for NaN."""
+  if math.isnan(mean):
+    return "—"
+  text = fmt.format(mean)
+  return text if math.isnan(std) else f"{text} ± {fmt.replace('+', '').format(std)}"
+
+
+def pyplot():
+  """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt

@@ -750,9 +750,8 @@ def make_train_step(setup: DistillSetup, mesh: jax.sharding.Mesh | None = None):
 # Evaluation.
 
 
-def eval_key(config) -> jax.Array:
-  """The key of the fixed evaluation prompts and samples."""
-  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+# The key of the fixed evaluation prompts and samples: a training run's.
+eval_key = train.eval_key
 
 
 def make_evaluate(setup: DistillSetup):

@@ -167,6 +167,11 @@ def data_key(config) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
 
 
+def eval_key(config) -> jax.Array:
+  """The key of the fixed evaluation batch (and, folded in, of its samples)."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+
+
 def latent_logits(setup: Setup, params, prompt_BxP, target_BxT) -> jax.Array:
   """Teacher-forced logits of every latent, [B, K, T, V], in one pass vmapped over K."""
   batch = prompt_BxP.shape[0]
@@ -361,8 +366,8 @@ def make_evaluate(setup: Setup, mesh: jax.sharding.Mesh | None = None):
   """
   config = setup.config
   task = setup.task
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
-  eval_batch = task.sample(eval_key, config.eval.batch_size)
+  ekey = eval_key(config)
+  eval_batch = task.sample(ekey, config.eval.batch_size)
   num_latents = setup.model.config.num_latents
   lo, hi = content_alphabet(setup)
 
@@ -421,7 +426,7 @@ def make_evaluate(setup: Setup, mesh: jax.sharding.Mesh | None = None):
         samples=rollout.tokens[:4],
     )
 
-  return BoundJit(evaluate, eval_batch, eval_key), eval_batch
+  return BoundJit(evaluate, eval_batch, ekey), eval_batch
 
 
 def _to_python(tree):
