@@ -2,13 +2,13 @@
 
     python experiments/distill_compare.py --root=workdir/distill_compare
 
-1. Trains the teacher with ``train.train_and_evaluate`` (the default
+1. Trains the teacher with ``experiment.train_and_evaluate`` (the default
    early-divergence config, ``experiments/configs/default.py``: K = 3, a
    2-layer d_model = 64 Transformer) into ``ROOT/teacher``, unless it has a
    ``summary.json`` already.
 2. Distils it per latent into a 1-layer d_model = 32 student
-   (``experiments/configs/distill.py``) with each method of
-   ``distill.METHODS``: OPD with ``rao_blackwell``, OPD with ``kl_to_go``, the
+   (``experiments/configs/distill.py``) with each method of its
+   ``METHODS``: OPD with ``rao_blackwell``, OPD with ``kl_to_go``, the
    per-token reward, GKD and sequence-level KD, for the same number of steps,
    seeds 0..``--seeds``−1, into ``ROOT/<method>/seed<n>``. Runs with a
    ``summary.json`` are skipped (rerunning resumes or aggregates).
@@ -72,7 +72,7 @@ def teacher_config(num_steps: int):
 
 def student_config(method: str, teacher_dir: str, seed: int, num_steps: int):
   config = distill_config.get_config(method)
-  config.distill.teacher_workdir = teacher_dir
+  config.objective.teacher_workdir = teacher_dir
   config.seed = seed
   config.train.num_steps = num_steps
   config.train.checkpoint_every = num_steps
@@ -90,13 +90,13 @@ def _quiet(workdir: str):
 
 
 def train_teacher(root: str, num_steps: int) -> str:
-  from latentdiv import train  # pylint: disable=import-outside-toplevel
+  from latentdiv import experiment  # pylint: disable=import-outside-toplevel
   workdir = os.path.join(root, "teacher")
   if not os.path.exists(os.path.join(workdir, "summary.json")):
     print(f"Training the teacher ({num_steps} steps) in {workdir} ...", flush=True)
     start = time.time()
     with _quiet(workdir):
-      train.train_and_evaluate(teacher_config(num_steps), workdir)
+      experiment.train_and_evaluate(teacher_config(num_steps), workdir)
     print(f"  done in {time.time() - start:.0f} s", flush=True)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
@@ -106,13 +106,13 @@ def train_teacher(root: str, num_steps: int) -> str:
 
 
 def run_one(method: str, teacher_dir: str, seed: int, workdir: str, num_steps: int) -> dict:
-  from latentdiv import distill  # pylint: disable=import-outside-toplevel
+  from latentdiv import experiment  # pylint: disable=import-outside-toplevel
   summary_path = os.path.join(workdir, "summary.json")
   if not os.path.exists(summary_path):
     start = time.time()
     with _quiet(workdir):
-      distill.train_and_evaluate(student_config(method, teacher_dir, seed, num_steps),
-                                 workdir)
+      experiment.train_and_evaluate(student_config(method, teacher_dir, seed, num_steps),
+                                    workdir)
     print(f"  {method} seed {seed}: {time.time() - start:.0f} s", flush=True)
   with open(summary_path) as f:
     return json.load(f)

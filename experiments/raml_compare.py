@@ -15,7 +15,7 @@ trains, on the task of ``experiments/configs/raml.py`` (reverse a sequence of
 
 (defaults: ε ∈ {0.1, 0.3}, τ ∈ {0.6, 0.8}: 7 arms, 21 runs; 1403 s on 2 CPU
 cores shared with other jobs at load average ~16), with ``--seeds`` seeds
-each, through ``latentdiv.train.train_and_evaluate``,
+each, through ``latentdiv.experiment.train_and_evaluate``,
 into ``ROOT/<arm>/seed<n>`` (``<arm>`` is ``ml``, ``ls_0.1``, ``hamming_0.65``,
 ...). Rerunning the command skips runs that have a ``summary.json`` (an
 interrupted run resumes from its checkpoint). Then it aggregates:
@@ -35,7 +35,7 @@ distribution, the Hamming one at ``--kl_tau`` (rescaled), with
 ``--kl_samples`` samples per evaluation example: the summary's
 ``kl_payoff_to_model`` uses each arm's own ``raml.tau``, so it is not
 comparable across arms. The evaluation prompts are those of
-``train.make_evaluate``; the recomputation is checked against the summary by
+``objective.make_evaluate``; the recomputation is checked against the summary by
 also evaluating it with the summary's τ, samples and key
 (``kl_own_recomputed`` in ``ROOT/<arm>/seed<n>/raml.json``). The edit-distance
 payoff has no tractable density, hence the Hamming q for every arm.
@@ -74,7 +74,9 @@ import numpy as np  # noqa: E402
 
 from experiments import sweep  # noqa: E402
 from experiments.configs import raml as raml_config  # noqa: E402
+from latentdiv import logprobs  # noqa: E402
 from latentdiv import model as model_lib  # noqa: E402
+from latentdiv import payoff  # noqa: E402
 from latentdiv import raml  # noqa: E402
 from latentdiv import train  # noqa: E402
 
@@ -161,8 +163,8 @@ def payoff_kl_terms(model, params, prompt_BxP, target_BxT, key, tau, num_samples
 
       KL(q ‖ p_θ) = E_{y ~ q(·|y*; τ)} [log q(y | y*; τ) − log p_θ(y | x)]
 
-  q is the exact Hamming payoff distribution (``raml.sample_hamming`` over
-  ``raml.editable_mask(y*)``, density ``raml.hamming_log_prob``); p_θ scores
+  q is the exact Hamming payoff distribution (``payoff.sample_hamming`` over
+  ``logprobs.content_mask(y*)``, density ``payoff.hamming_log_prob``); p_θ scores
   the whole output up to and including its EOS with latent 0 (K = 1).
   Jitted with the model, ``num_samples``, ``alphabet`` and ``convention``
   static and τ traced, so one compilation serves every τ and every run.
@@ -192,31 +194,31 @@ def payoff_kl_terms(model, params, prompt_BxP, target_BxT, key, tau, num_samples
 def _payoff_kl_jit(model, params, prompt_BxP, target_BxT, key, tau, num_samples, alphabet,
                    convention):
   chex.assert_rank([prompt_BxP, target_BxT], 2)
-  editable = jax.vmap(raml.editable_mask)(target_BxT)
+  editable = logprobs.content_mask(target_BxT)
   samples = raml.sample_raml_targets(key, target_BxT, editable, num_samples, alphabet, tau,
                                      convention).tokens  # [B, N, T]
-  log_q_one = functools.partial(raml.hamming_log_prob, alphabet=alphabet, tau=tau,
+  log_q_one = functools.partial(payoff.hamming_log_prob, alphabet=alphabet, tau=tau,
                                 convention=convention)
   log_q = jax.vmap(jax.vmap(log_q_one, (0, None, None)))(samples, target_BxT, editable)
   batch, n, t_len = samples.shape
   flat = samples.reshape((batch * n, t_len))
   logits = model_lib.teacher_forced_logits(model, params, jnp.repeat(prompt_BxP, n, axis=0),
                                            flat, jnp.zeros((batch * n,), jnp.int32))
-  log_p = jax.vmap(raml.sequence_log_likelihood)(logits, flat, jax.vmap(raml.output_mask)(flat))
+  log_p = jax.vmap(logprobs.sequence_log_likelihood)(logits, flat, logprobs.output_mask(flat))
   return log_q - log_p.reshape((batch, n)), samples
 
 
 def extra_eval(config, workdir: str, kl_tau: float, kl_samples: int) -> dict:
   """``KL(q_{kl_tau} ‖ p_θ)`` of the newest checkpoint, and the summary's KL recomputed."""
-  setup, params = sweep.restore_newest_params(config, workdir)
-  _, batch = train.make_evaluate(setup)  # The evaluation batch; nothing compiles.
-  alphabet = train.content_alphabet(setup)
+  setup, objective, params = sweep.restore_newest_params(config, workdir)
+  batch = objective.make_evaluate().eval_batch  # The evaluation batch; nothing compiles.
+  alphabet = objective.content_alphabet()
   eval_key = train.eval_key(config)
   diff, _ = payoff_kl_terms(setup.model, params, batch.prompt, batch.target,
                             jax.random.fold_in(eval_key, 7), kl_tau, kl_samples, alphabet)
   own, _ = payoff_kl_terms(setup.model, params, batch.prompt, batch.target,
-                           jax.random.fold_in(eval_key, 2), config.raml.tau, 4, alphabet,
-                           config.raml.convention)
+                           jax.random.fold_in(eval_key, 2), config.objective.raml.tau, 4, alphabet,
+                           config.objective.raml.convention)
   diff = np.asarray(diff, np.float64)
   return dict(kl=float(diff.mean()), kl_stderr=float(diff.std(ddof=1) / math.sqrt(diff.size)),
               kl_tau=kl_tau, kl_samples=kl_samples,

@@ -3,11 +3,11 @@
     python experiments/research.py --root=workdir/research
 
 trains every arm of ``experiments/configs/research_<arm>.py`` (reconstruction
-only; + token JSD; + seq_pg with ``rao_blackwell``; + seq_pg with
-``trajectory``; + seq_pg with the JSD control variate; and, as a control, seq_pg
+only; + token JSD; + sequence term with ``rao_blackwell``; + sequence term with
+``trajectory``; + sequence term with the JSD control variate; and, as a control, the sequence term
 with ``rao_blackwell`` without the token JSD) on the early- and the
 late-divergence task with ``--seeds`` seeds each, through
-``latentdiv.train.train_and_evaluate``, into ``ROOT/<task>/<arm>/seed<n>``.
+``latentdiv.experiment.train_and_evaluate``, into ``ROOT/<task>/<arm>/seed<n>``.
 Rerunning the command skips runs that have a ``summary.json`` (and an
 interrupted run resumes from its checkpoint). Then it aggregates:
 
@@ -31,7 +31,7 @@ index for every x, it does not change when a latent's choice of strategy
 depends on x; on the ``permute`` late task such x-dependent labellings are
 exactly as valid a decomposition of the data as the hidden rotation index.
 It uses the same evaluation prompts and sampling key as
-``train.make_evaluate``, so its samples are those the summary's metrics saw
+``objective.make_evaluate``, so its samples are those the summary's metrics saw
 (checked: the validity recomputed here must match the summary's).
 
 Runs execute in ``--workers`` processes (default 2, one per core of a small
@@ -147,8 +147,8 @@ def extra_eval(config, workdir: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from latentdiv import train  # pylint: disable=import-outside-toplevel
 
-  setup, params = sweep.restore_newest_params(config, workdir)
-  _, batch = train.make_evaluate(setup)  # The evaluation batch; nothing compiles.
+  setup, objective, params = sweep.restore_newest_params(config, workdir)
+  batch = objective.make_evaluate().eval_batch  # The evaluation batch; nothing compiles.
   eval_key = train.eval_key(config)
   matches = np.asarray(_sample_matches_fn()(
       setup.model, params, batch.prompt, batch.valid_outputs,

@@ -49,7 +49,7 @@ def train_once(config, workdir: str, record_name: str,
   Returns:
     The record.
   """
-  from latentdiv import train  # pylint: disable=import-outside-toplevel
+  from latentdiv import experiment  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   record_path = os.path.join(workdir, record_name)
   record = {}
@@ -60,7 +60,7 @@ def train_once(config, workdir: str, record_name: str,
     start = time.time()
     with open(os.path.join(workdir, "train.log"), "a") as log, \
         contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-      train.train_and_evaluate(config, workdir)
+      experiment.train_and_evaluate(config, workdir)
     record = dict(wall_s=time.time() - start)
   if needs_extra(record):
     record.update(extra_eval())
@@ -130,22 +130,18 @@ def wall_text(record: dict) -> str:
 
 
 def restore_newest_params(config, workdir: str):
-  """``(setup, params)``: the config's setup and the parameters of the newest checkpoint in ``workdir``.
+  """``(setup, objective, params)``: the config's setup and objective, and the newest parameters in ``workdir``.
 
   Raises:
     FileNotFoundError: ``workdir`` holds no readable checkpoint.
   """
-  from latentdiv import checkpointing, train  # pylint: disable=import-outside-toplevel
-  setup = train.build(config)
-  state = train.init_state(setup)
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                       config.train.keep_checkpoints,
-                                       config.train.checkpoint_every)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}.")
-  return setup, restored[0].params
+  from latentdiv import experiment  # pylint: disable=import-outside-toplevel
+  setup, objective = experiment.build(config)
+  try:
+    params = experiment.load(workdir).params
+  except ValueError as err:
+    raise FileNotFoundError(f"No checkpoint in {workdir}: {err}") from None
+  return setup, objective, params
 
 
 def load_run(workdir: str, record_name: str) -> dict | None:

@@ -1,19 +1,49 @@
 """latentdiv: make the K values of a discrete latent produce different strategies.
 
-Pure JAX functions and a Flax model; import the module you need:
+Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
 
-* ``latentdiv.divergences`` — token-level JSD proxy, JSD_β, GKD loss (DESIGN §4)
+* ``latentdiv.logprobs`` — token log-probabilities, sequence log-likelihood,
+  EOS/content masks: the one primitive per quantity every loss calls (§2–3)
+* ``latentdiv.model`` / ``latentdiv.sampling`` — latent-conditioned Transformer,
+  KV-cached scanned rollouts vmapped over latents, K×K scoring (§1, §10)
 * ``latentdiv.reconstruction`` — hard-EM / soft-EM over latents (§3)
-* ``latentdiv.estimators`` — policy-gradient estimators of a sequence KL's
-  gradient, baselines, JSD control variate (§5, §6)
+* ``latentdiv.divergences`` — token-level JSD proxy, JSD_β, GKD loss (§4)
+* ``latentdiv.estimators`` / ``latentdiv.baselines`` — policy-gradient
+  estimators of a sequence KL's gradient and their baselines (§5.3–5.4, §6)
+* ``latentdiv.sequence_term`` — the sequence-level inter-latent term (§5)
 * ``latentdiv.oracle`` — exact enumeration: exact KL, gradients, estimator
   mean and variance on tiny vocabularies (§7)
-* ``latentdiv.raml`` — exponentiated-payoff sampling, label smoothing (§8)
-* ``latentdiv.model`` / ``latentdiv.sampling`` — latent-conditioned Transformer,
-  KV-cached scanned rollouts vmapped over latents
+* ``latentdiv.payoff`` / ``latentdiv.edits`` / ``latentdiv.raml`` — exponentiated-payoff
+  samplers (Hamming exact, edit distance approximate), RAML losses, label smoothing (§8)
 * ``latentdiv.tasks`` / ``latentdiv.metrics`` — synthetic strategy tasks and
   coverage metrics (§9)
-* ``latentdiv.train`` — the training loop behind ``run.py``
+* ``latentdiv.objectives`` — the objectives (``diversity``, ``distillation``),
+  peers on the one loop of ``latentdiv.train``
+* ``latentdiv.experiment`` — ``train_and_evaluate(config, workdir)`` and
+  ``load(workdir)``, what ``run.py`` and users call
 """
 
-__version__ = "0.1.0"
+from latentdiv import baselines
+from latentdiv import checkpointing
+from latentdiv import config
+from latentdiv import divergences
+from latentdiv import edits
+from latentdiv import estimators
+from latentdiv import experiment
+from latentdiv import logprobs
+from latentdiv import metrics
+from latentdiv import model
+from latentdiv import objectives
+from latentdiv import oracle
+from latentdiv import payoff
+from latentdiv import raml
+from latentdiv import reconstruction
+from latentdiv import sampling
+from latentdiv import sequence_term
+from latentdiv import sharding
+from latentdiv import tasks
+from latentdiv import train
+from latentdiv import vocab
+from latentdiv import workdir
+
+__version__ = "0.2.0"

@@ -123,3 +123,56 @@ def abstract_like(tree: Any) -> Any:
   """``jax.ShapeDtypeStruct`` leaves for a restore target."""
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> Any:
+  """The model parameters saved in ``workdir/checkpoints`` (read-only; nothing else is loaded).
+
+  Only the ``params`` of the saved train state are read (Orbax partial
+  restore into ``abstract_params``); the optimiser state is never loaded and
+  the workdir is never written. Teacher loading, the sweeps, the diagnostics
+  and ``latentdiv.experiment.load`` all come through here.
+
+  Args:
+    workdir: a run's directory (holding ``checkpoints/``).
+    abstract_params: the parameters' structure (arrays or
+      ``jax.ShapeDtypeStruct``, e.g. ``jax.eval_shape`` of the model's init);
+      leaves without a sharding land on the first local device.
+    step: the checkpoint to read; None = the newest.
+
+  Returns:
+    The parameter pytree.
+
+  Raises:
+    ValueError: no checkpoint (or not ``step``) in ``workdir/checkpoints``.
+    CheckpointError: the checkpoint does not restore.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise ValueError(f"No checkpoints in {directory}: train that run first.")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f"No checkpoints in {directory}: train that run first.")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise ValueError(f"No checkpoint at step {step} in {directory}; it has {sorted(steps)}.")
+    device = jax.local_devices()[0]
+    target = {"params": jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=getattr(a, "sharding", None)
+            or jax.sharding.SingleDeviceSharding(device)), abstract_params)}
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+    except Exception as err:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"The checkpoint at step {step} in {directory} did not restore: "
+          f"{type(err).__name__}: {err}") from err
+  finally:
+    manager.close()
+  return restored["state"]["params"]

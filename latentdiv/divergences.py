@@ -338,7 +338,7 @@ def gkd_loss(student_logits_BxTxV: chex.Array, teacher_logits_BxTxV: chex.Array,
 
 
 def token_weights(kind: str, mask_T: chex.Array, jsd_T: chex.Array | None = None,
-                  prefix_len=None, temperature=0.1) -> chex.Array:
+                  prefix_len=None, weight_temperature=0.1) -> chex.Array:
   """Non-negative token weights w_t for the token-weighted JSD Ĵ.
 
   Kinds (all zero at masked positions; all stop-gradient):
@@ -347,11 +347,11 @@ def token_weights(kind: str, mask_T: chex.Array, jsd_T: chex.Array | None = None
   * ``"prefix"``: ``w_t = 1`` at the first ``prefix_len`` valid tokens (the
     rollout prefix L of DESIGN.md §5), 0 after.
   * ``"divergence"``: emphasises strategy-sensitive positions, where the
-    latents disagree: ``w_t = n · softmax_t(JSD_t / temperature)`` over the
+    latents disagree: ``w_t = n · softmax_t(JSD_t / weight_temperature)`` over the
     valid positions (over the first ``prefix_len`` of them if given), n their
     number — so the weights average 1 over valid tokens like ``"uniform"``,
-    tend to it as temperature → ∞, and concentrate on the most divergent
-    position as temperature → 0. With JSD ∈ [0, log K], the default 0.1 gives
+    tend to it as weight_temperature → ∞, and concentrate on the most divergent
+    position as weight_temperature → 0. With JSD ∈ [0, log K], the default 0.1 gives
     ratios up to K^10 between positions. The weights go through
     ``jax.lax.stop_gradient``: Ĵ's gradient is that of a fixed weighted mean,
     so the model cannot raise Ĵ by moving weight rather than divergence.
@@ -363,7 +363,8 @@ def token_weights(kind: str, mask_T: chex.Array, jsd_T: chex.Array | None = None
       ``"divergence"``).
     prefix_len: L, required for ``"prefix"``, optional for ``"divergence"``
       (int or integer scalar array).
-    temperature: > 0, the softmax temperature of ``"divergence"``.
+    weight_temperature: > 0, the softmax temperature over POSITIONS of
+      ``"divergence"`` (not a temperature of the model's logits).
 
   Returns:
     ``[..., T]`` weights of the mask's shape, float (the dtype of ``jsd_T``,
@@ -395,9 +396,9 @@ def token_weights(kind: str, mask_T: chex.Array, jsd_T: chex.Array | None = None
   if jsd_T is None:
     raise ValueError("jsd_T is required for kind='divergence'.")
   chex.assert_equal_shape([mask_T, jsd_T], custom_message="mask_T and jsd_T must have the same shape")
-  _check_temperature(temperature)
+  _check_temperature(weight_temperature, "weight_temperature")
   is_valid = valid > 0
-  z = jnp.where(is_valid, jsd_T / temperature, 0.0)
+  z = jnp.where(is_valid, jsd_T / weight_temperature, 0.0)
   z_max = jnp.max(jnp.where(is_valid, z, -jnp.inf), axis=-1, keepdims=True)
   z_max = jnp.where(jnp.isfinite(z_max), z_max, 0.0)
   e = jnp.where(is_valid, jnp.exp(z - z_max), 0.0)
@@ -491,12 +492,12 @@ def _check_latent_logits(logits_KxTxV, mask_T):
 
 
 def token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: str = "uniform",
-              prefix_len=None, temperature=0.1) -> TokenJSD:
+              prefix_len=None, weight_temperature=0.1) -> TokenJSD:
   """Token-weighted K-way JSD Ĵ of one teacher-forced example.
 
   ``JSD_t = H(M_t) − (1/K) Σ_k H(P_{k,t})`` at every position (``multi_jsd``),
   then ``Ĵ = Σ_t w_t JSD_t / Σ_t w_t`` with ``w = token_weights(weighting,
-  mask_T, JSD, prefix_len, temperature)``. The training loss uses
+  mask_T, JSD, prefix_len, weight_temperature)``. The training loss uses
   ``L_rec − λ_jsd · Ĵ``. An example with no valid position gives Ĵ = 0 with
   zero gradient.
 
@@ -510,7 +511,8 @@ def token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: str = "un
     mask_T: ``[T]`` mask, non-zero = valid position.
     weighting: one of ``WEIGHTINGS`` (see ``token_weights``).
     prefix_len: L for ``"prefix"`` (and optionally ``"divergence"``).
-    temperature: softmax temperature of the ``"divergence"`` weighting.
+    weight_temperature: softmax temperature over positions of the ``"divergence"``
+      weighting (not a logits temperature).
 
   Returns:
     ``TokenJSD(value [], jsd_t [T], weights_t [T])``.
@@ -521,12 +523,12 @@ def token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: str = "un
   _check_latent_logits(logits_KxTxV, mask_T)
   valid = jnp.asarray(mask_T) != 0
   jsd_t = jnp.where(valid, multi_jsd(logits_KxTxV, latent_axis=0), 0.0)
-  weights_t = token_weights(weighting, mask_T, jsd_t, prefix_len, temperature)
+  weights_t = token_weights(weighting, mask_T, jsd_t, prefix_len, weight_temperature)
   return TokenJSD(weighted_mean(jsd_t, weights_t), jsd_t, weights_t)
 
 
 def pairwise_token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: str = "uniform",
-                       prefix_len=None, temperature=0.1) -> PairwiseTokenJSD:
+                       prefix_len=None, weight_temperature=0.1) -> PairwiseTokenJSD:
   """Token-weighted symmetric JSD between every pair of latents of one example.
 
   ``JSD_t(i, j) = JSD_½(P_{i,t}, P_{j,t})`` (``generalized_jsd`` at β = ½),
@@ -542,7 +544,8 @@ def pairwise_token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: 
     mask_T: ``[T]`` mask, non-zero = valid position.
     weighting: one of ``WEIGHTINGS`` (see ``token_weights``).
     prefix_len: L for ``"prefix"`` (and optionally ``"divergence"``).
-    temperature: softmax temperature of the ``"divergence"`` weighting.
+    weight_temperature: softmax temperature over positions of the ``"divergence"``
+      weighting (not a logits temperature).
 
   Returns:
     ``PairwiseTokenJSD(value [K, K], jsd_t [K, K, T], weights_t [K, K, T])``;
@@ -560,6 +563,6 @@ def pairwise_token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: 
   keep = off_diagonal[:, :, None] & valid[None, None, :]
   jsd_kkt = jnp.where(keep, jsd_kkt, 0.0)
   mask_kkt = jnp.broadcast_to(jnp.asarray(mask_T)[None, None, :], (num_latents, num_latents, time))
-  weights_kkt = token_weights(weighting, mask_kkt, jsd_kkt, prefix_len, temperature)
+  weights_kkt = token_weights(weighting, mask_kkt, jsd_kkt, prefix_len, weight_temperature)
   value_kk = jnp.where(off_diagonal, weighted_mean(jsd_kkt, weights_kkt), 0.0)
   return PairwiseTokenJSD(value_kk, jsd_kkt, weights_kkt)

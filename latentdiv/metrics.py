@@ -20,34 +20,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from latentdiv import logprobs
 from latentdiv import vocab
 
 NMI_NORMALIZATIONS = ("arithmetic", "geometric", "min", "max")
 
 
 # ------------------------------------------------------------- sequences
-
-
-def mask_through_eos(tokens_T: jax.Array, eos: int = vocab.EOS) -> jax.Array:
-  """True on the positions up to and including the first EOS.
-
-  ``m_t = [t ≤ t_eos]``, ``t_eos`` the index of the first EOS (all True if
-  there is none).
-
-  Args:
-    tokens_T: [..., T] int tokens.
-    eos: the end-of-sequence id.
-
-  Returns:
-    [..., T] bool.
-
-  References:
-    ``latentdiv.vocab`` (EOS is a real, scored token; positions after it are PAD).
-  """
-  is_eos = tokens_T == eos
-  # Number of EOS strictly before t: 0 exactly on the positions ≤ first EOS.
-  eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos
-  return eos_before == 0
 
 
 def sequences_equal_up_to_eos(sample_T: jax.Array, reference_T: jax.Array,
@@ -72,7 +51,7 @@ def sequences_equal_up_to_eos(sample_T: jax.Array, reference_T: jax.Array,
   """
   chex.assert_equal_shape([sample_T, reference_T],
                           custom_message="sample and reference must have the same shape")
-  same = (sample_T == reference_T) | ~mask_through_eos(reference_T, eos)
+  same = (sample_T == reference_T) | ~logprobs.mask_through_eos(reference_T, eos)
   return jnp.all(same, axis=-1)
 
 
@@ -131,7 +110,7 @@ def match_strategies(samples_BxKxT: jax.Array, valid_outputs_BxSxT: jax.Array,
         f"samples {samples_BxKxT.shape} and valid_outputs {valid_outputs_BxSxT.shape} "
         "must agree on batch (axis 0) and length (axis 2).")
   valid = jnp.asarray(valid_outputs_BxSxT)
-  compared_Bx1xSxT = mask_through_eos(valid, eos)[:, None, :, :]
+  compared_Bx1xSxT = logprobs.mask_through_eos(valid, eos)[:, None, :, :]
   same_BxKxSxT = jnp.asarray(samples_BxKxT)[:, :, None, :] == valid[:, None, :, :]
   equal_BxKxS = jnp.all(same_BxKxSxT | ~compared_Bx1xSxT, axis=-1)
   first = jnp.argmax(equal_BxKxS, axis=-1).astype(jnp.int32)

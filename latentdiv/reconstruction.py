@@ -41,40 +41,6 @@ import jax.numpy as jnp
 RECONSTRUCTION_KINDS = ("hard_em", "soft_em")
 
 
-def sequence_log_likelihood(logits_TxV: chex.Array, targets_T: chex.Array,
-                            mask_T: chex.Array) -> chex.Array:
-  """Masked teacher-forced log-likelihood of one sequence.
-
-  ``ℓ = Σ_t m_t log p(y_t | c_t)``, ``log p = log_softmax(logits)``, with
-  ``m_t`` the mask (PAD positions 0). Masked positions contribute exactly 0
-  whatever their target id. Batch and latents with ``jax.vmap``, e.g.
-  ``jax.vmap(jax.vmap(sequence_log_likelihood, (0, None, None)))(logits_BxKxTxV,
-  targets_BxT, mask_BxT)`` → ``[B, K]``.
-
-  Args:
-    logits_TxV: ``[T, V]`` next-token logits under teacher forcing.
-    targets_T: ``[T]`` integer target ids y*.
-    mask_T: ``[T]`` mask (bool or numeric; numeric values act as weights).
-
-  Returns:
-    Scalar log-likelihood ℓ (<= 0 for a 0/1 mask), the dtype of the logits.
-
-  References:
-    DESIGN.md §3.
-  """
-  chex.assert_rank(logits_TxV, 2, custom_message="logits_TxV must be [time, vocab]")
-  chex.assert_rank(targets_T, 1, custom_message="targets_T must be [time]")
-  chex.assert_type(targets_T, int, custom_message="targets_T must hold integer token ids")
-  chex.assert_equal_shape([targets_T, mask_T], custom_message="targets_T and mask_T must have the same shape")
-  chex.assert_axis_dimension(logits_TxV, 0, targets_T.shape[0],
-                             custom_message="logits_TxV.shape[0] must equal len(targets_T)")
-  log_probs_TxV = jax.nn.log_softmax(logits_TxV, axis=-1)
-  log_p_t = jnp.take_along_axis(log_probs_TxV, targets_T[:, None], axis=-1)[:, 0]
-  mask_T = jnp.asarray(mask_T)
-  weight_t = mask_T.astype(log_p_t.dtype)
-  return jnp.sum(jnp.where(mask_T != 0, weight_t * log_p_t, 0.0))
-
-
 def _check_loglik(loglik_BxK):
   chex.assert_rank(loglik_BxK, 2, custom_message="loglik_BxK must be [batch, latents]")
 

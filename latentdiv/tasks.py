@@ -36,7 +36,7 @@ Tasks (``make_task(name, **kwargs)``):
   one another (the same tokens in a different order), and the per-position
   token marginal over x is uniform for every strategy: strategies differ only
   in their trajectories, the case where the teacher-forced token proxy is
-  expected to fall short (seed 000).
+  expected to fall short (DESIGN.md §9).
 * ``transduction`` — one strategy (``S = 1``), a reference with partial credit
   (for RAML's edit-distance reward, DESIGN.md §8): the input length
   ``n ~ U{min_len..P}`` varies, the prompt is ``x_1..x_n`` then PAD, and
@@ -280,7 +280,7 @@ def late_divergence(alphabet_size: int = 8, prompt_len: int = 6,
     pair of strategies differs at every one of the last d content positions.
 
   References:
-    DESIGN.md §9 (late divergence); seed 000 ("similar tokens, different
+    DESIGN.md §9 (late divergence: "similar tokens, different
     trajectories").
   """
   _check_positive(alphabet_size=alphabet_size, prompt_len=prompt_len,

@@ -1,12 +1,13 @@
-"""Smoke tests for experiments/bench.py: every measurement runs on a tiny model.
+"""Smoke tests for experiments/bench*.py: every measurement runs on a tiny model.
 
 Timings are reported by the benchmark, never asserted here. What is asserted:
 the three decoders draw the same rollouts (so the speed comparison is between
 equal work), the analytic FLOP counts agree with XLA's cost analysis on
-loop-free programs, and the last printed line is the headline JSON.
+loop-free programs, the memory-only compile leaves the memory analysis
+unchanged, the headline reads the right records, and the last printed line is
+the headline JSON.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,13 +19,18 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from latentdiv import model as model_lib
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "experiments", "bench.py")
-_spec = importlib.util.spec_from_file_location("bench", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from experiments import bench  # noqa: E402
+from experiments import bench_rollouts  # noqa: E402
+from experiments import bench_steps  # noqa: E402
+from experiments import bench_util  # noqa: E402
+from latentdiv import experiment  # noqa: E402
+from latentdiv import model as model_lib  # noqa: E402
+
+_PATH = os.path.join(_REPO, "experiments", "bench.py")
 
 HEADLINE_KEYS = ("sampler_over_python_loop", "sampler_over_no_cache", "rollout_peak_fraction",
                  "train_step_peak_fraction", "matmul_peak_gflops")
@@ -33,33 +39,33 @@ HEADLINE_KEYS = ("sampler_over_python_loop", "sampler_over_no_cache", "rollout_p
 class FlopsTest(absltest.TestCase):
 
   def _xla(self, fn, *args):
-    return bench.xla_flops(jax.jit(fn).lower(*args).compile())
+    return bench_util.xla_flops(jax.jit(fn).lower(*args).compile())
 
   def test_forward_flops_match_xla_on_a_loop_free_forward(self):
     # Wide enough that the matmuls dominate XLA's count (which adds 1 per elementwise op).
-    model, params = bench.make_model("tiny", 8, 8, d_model=128, d_ff=512)
+    model, params = bench_rollouts.make_model("tiny", 8, 8, d_model=128, d_ff=512)
     cfg = model.config
     tokens = jnp.full((2, cfg.max_len), 5, jnp.int32)
     latent = jnp.zeros((2,), jnp.int32)
     full = self._xla(lambda p: model.apply({"params": p}, tokens, latent)[0], params)
-    self.assertBetween(full / (2 * bench.forward_flops(cfg, cfg.max_len, cfg.max_len)),
+    self.assertBetween(full / (2 * bench_util.forward_flops(cfg, cfg.max_len, cfg.max_len)),
                        0.95, 1.25)
     cache = model_lib.init_cache(cfg, 2)
     step = self._xla(
         lambda p, c: model_lib.decode_step(model, p, c, tokens[:, 0], latent, 3)[0],
         params, cache)
-    self.assertBetween(step / (2 * bench.forward_flops(cfg, 1, cfg.max_len)), 0.95, 1.25)
+    self.assertBetween(step / (2 * bench_util.forward_flops(cfg, 1, cfg.max_len)), 0.95, 1.25)
 
   def test_rollout_flops_by_method(self):
-    cfg = bench.model_config("tiny", 4, 8)
-    cached = bench.rollout_flops(cfg, 3, 4, 8, "sampler")
-    self.assertEqual(cached, bench.rollout_flops(cfg, 3, 4, 8, "python_loop"))
-    self.assertEqual(cached, 3 * (bench.forward_flops(cfg, 5, cfg.max_len)
-                                  + 8 * bench.forward_flops(cfg, 1, cfg.max_len)))
-    self.assertEqual(bench.rollout_flops(cfg, 3, 4, 8, "no_cache"),
-                     3 * 8 * bench.forward_flops(cfg, cfg.max_len, cfg.max_len))
+    cfg = bench_rollouts.model_config("tiny", 4, 8)
+    cached = bench_rollouts.rollout_flops(cfg, 3, 4, 8, "sampler")
+    self.assertEqual(cached, bench_rollouts.rollout_flops(cfg, 3, 4, 8, "python_loop"))
+    self.assertEqual(cached, 3 * (bench_util.forward_flops(cfg, 5, cfg.max_len)
+                                  + 8 * bench_util.forward_flops(cfg, 1, cfg.max_len)))
+    self.assertEqual(bench_rollouts.rollout_flops(cfg, 3, 4, 8, "no_cache"),
+                     3 * 8 * bench_util.forward_flops(cfg, cfg.max_len, cfg.max_len))
     with self.assertRaisesRegex(ValueError, "sampler"):
-      bench.rollout_flops(cfg, 3, 4, 8, "beam")
+      bench_rollouts.rollout_flops(cfg, 3, 4, 8, "beam")
 
 
 class TimingTest(absltest.TestCase):
@@ -68,12 +74,12 @@ class TimingTest(absltest.TestCase):
     calls = []
     fns = {"a": lambda: calls.append("a") or jnp.zeros(()),
            "b": lambda: calls.append("b") or jnp.zeros(())}
-    timings = bench.time_calls(fns, repeats=3)
+    timings = bench_util.time_calls(fns, repeats=3)
     self.assertEqual(calls, ["a", "b"] + ["a", "b"] * 3)  # warm-ups, then round-robin.
     for t in timings.values():
       self.assertLen(t["times_s"], 3)
       self.assertEqual(t["median_s"], float(np.median(t["times_s"])))
-    slow = bench.time_call(lambda: jnp.zeros(()), repeats=50, budget_s=0.0)
+    slow = bench_util.time_call(lambda: jnp.zeros(()), repeats=50, budget_s=0.0)
     self.assertLen(slow["times_s"], 1)  # over budget: one timed call.
 
 
@@ -109,6 +115,107 @@ class HeadlineTest(absltest.TestCase):
     self.assertEqual(headline["train_step_peak_fraction"], 0.3)
 
 
+class ScaleCasesTest(absltest.TestCase):
+  """The vocabulary, lower-bound and length cases: plans, configs, headline (nothing timed)."""
+
+  def test_plans_hold_the_vocabulary_grid_the_memory_pair_and_the_lengths(self):
+    full = bench.plan("full", list(bench.BENCH_SIZES))
+    grid = {(c, v, k): timed for c, _, _, _, v, k, timed in full["vocab"]}
+    self.assertLen(grid, 3 * len(bench.VOCAB_SIZES) * len(bench.VOCAB_LATENTS))
+    self.assertTrue(all(grid[(c, 32, k)] for c in ("rec", "seq", "opd") for k in (4, 8)))
+    self.assertFalse(any(grid[(c, 131072, k)] for c in ("rec", "seq", "opd") for k in (4, 8)))
+    self.assertTrue(grid[("seq", 32768, 4)])  # The acceptance case runs.
+    self.assertEqual({(s, b) for s, _, b in full["lower_bounds"]},
+                     {("small", bench.TRAIN_BATCH["small"]),
+                      ("medium", bench.TRAIN_BATCH["medium"])})
+    self.assertEqual({n for p, _, n in full["lengths"] if p == "seq_step"},
+                     set(bench.LONG_LENGTHS))
+    quick = bench.plan("quick", ["small"])
+    self.assertEqual({(c, v, k, timed) for c, _, _, _, v, k, timed in quick["vocab"]},
+                     {("seq", bench.HEADLINE_V, 4, False), ("seq", bench.HEADLINE_V, 8, False)})
+    self.assertLen(quick["lower_bounds"], 1)
+    lengths = bench.plan("lengths", ["small"])
+    self.assertEqual((lengths["rollouts"], lengths["trains"]), ([], []))
+    self.assertIn(("rollout_long_cache", "small", min(bench.LONG_LENGTHS)), lengths["lengths"])
+
+  def test_vocabulary_and_fixed_prompt_configs_build(self):
+    setup, _ = experiment.build(bench_steps.train_config(
+        "small", 64, 8, **bench_steps.SEQ_STEP, **bench_steps.vocab_overrides(32768, 8)))
+    self.assertEqual(setup.model.config.vocab_size, 32768)
+    self.assertEqual(setup.model.config.num_latents, 8)
+    self.assertEqual(setup.task.target_len, 64)
+    self.assertEqual(setup.config.objective.lambda_jsd, 0.0)
+    setup, _ = experiment.build(bench_steps.train_config(
+        "small", 512, 8, **bench_steps.fixed_prompt_overrides(512, 8)))
+    self.assertEqual((setup.task.prompt_len, setup.task.target_len), (8, 512))
+    with self.assertRaisesRegex(ValueError, "vocab_size"):
+      bench_steps.vocab_overrides(3, 4)
+    with self.assertRaisesRegex(ValueError, "prompt_len"):
+      bench_steps.fixed_prompt_overrides(8, 7)
+
+  def test_decode_bytes_count_parameters_and_the_whole_cache(self):
+    cfg = bench_rollouts.model_config("tiny", 4, 8)
+    params = jax.eval_shape(lambda: model_lib.init_params(model_lib.LatentTransformer(cfg),
+                                                          jax.random.PRNGKey(0)))
+    got = bench_steps.decode_bytes_per_step(cfg, params, rows=6)
+    self.assertEqual(got["param_bytes"], 4 * bench_util.param_count(params))
+    self.assertEqual(got["cache_bytes"], 2 * cfg.num_layers * 6 * cfg.max_len * cfg.d_model * 4)
+    self.assertEqual(got["bytes_per_decode_step"], got["param_bytes"] + got["cache_bytes"])
+
+  def test_memory_only_compile_gives_the_same_memory_analysis(self):
+    model, params = bench_rollouts.make_model("tiny", 4, 8)
+    tokens = jnp.full((3, model.config.max_len), 5, jnp.int32)
+    latent = jnp.zeros((3,), jnp.int32)
+    loss = jax.jit(jax.grad(
+        lambda p: jnp.sum(model.apply({"params": p}, tokens, latent)[0] ** 2)))
+    full, _ = bench_util.compile_fn(loss, params)
+    fast, _ = bench_util.compile_fn(loss, params, memory_only=True)
+    self.assertEqual(bench_util.peak_memory_bytes(full), bench_util.peak_memory_bytes(fast))
+
+  def test_headline_reads_memory_bound_and_length_records(self):
+    def vocab(case, v, k, mem):
+      return dict(kind="vocab", case=case, size="small", B=8, L=64, V=v, K=k, timed=False,
+                  peak_memory_bytes=mem, median_s=None)
+
+    def length(program, n, per_token, m):
+      return dict(kind="length", program=program, size="small", B=32, K=4, L=n, P=8, M=m,
+                  median_s=per_token * 128 * n, per_token_s=per_token, peak_memory_bytes=1)
+
+    bound = dict(kind="lower_bound", size="small", B=32, K=4, L=32, V=32, step_s=3.0,
+                 sampler_s=0.5, scoring_s=1.5, seq_step_over_lower_bound=1.5,
+                 peak_memory_bytes=2 ** 20)
+    records = [
+        vocab("seq", 32, 4, 10), vocab("seq", 32, 8, 40),
+        vocab("seq", bench.HEADLINE_V, 4, 100), vocab("seq", bench.HEADLINE_V, 8, 210),
+        vocab("rec", bench.HEADLINE_V, 4, 50), vocab("rec", bench.HEADLINE_V, 8, 90),
+        bound, dict(bound, size="medium", seq_step_over_lower_bound=1.25),
+        length("rollout", 32, 1e-6, 41), length("rollout", 512, 4e-6, 521),
+        length("rollout_long_cache", 32, 3e-6, 521),
+        length("seq_step", 32, 2e-6, 64), length("seq_step", 512, 5e-6, 1024),
+    ]
+    headline = bench.headline_figures(records, dict(gflops=100.0))
+    self.assertAlmostEqual(headline["seq_memory_k8_over_k4"], 2.1)  # At V = 32768, not 32.
+    self.assertEqual((headline["seq_memory_k4_bytes"], headline["seq_memory_k8_bytes"]),
+                     (100, 210))
+    self.assertAlmostEqual(headline["rec_memory_k8_over_k4"], 1.8)
+    self.assertIsNone(headline["opd_memory_k8_over_k4"])
+    self.assertEqual(headline["seq_step_over_lower_bound"], 1.5)
+    self.assertEqual(headline["seq_step_over_lower_bound_medium"], 1.25)
+    self.assertAlmostEqual(headline["rollout_per_token_l512_over_l32"], 4.0)
+    self.assertAlmostEqual(headline["seq_step_per_token_l512_over_l32"], 2.5)
+    self.assertAlmostEqual(headline["rollout_long_cache_over_short"], 3.0)
+    # c(m) linear through (41, 1e-6) and (521, 3e-6); mean keys 8 + 1 + 511/2 = 264.5.
+    c_mean = 1e-6 + 2e-6 * (264.5 - 41) / 480
+    self.assertAlmostEqual(headline["rollout_bounded_attention_saving_l512"],
+                           1 - c_mean / 4e-6)
+    meta = dict(device="cpu", num_devices=1, host="h", jax="x", mode="full", load_start="0",
+                load_end="0", matmul_n=512)
+    table = bench.markdown(records, {k: v for k, v in headline.items() if k != "kind"}, meta)
+    for heading in ("## Realistic vocabularies", "## Sequence-level step over its lower bound",
+                    "## Growth with length (prompt of fixed length)"):
+      self.assertIn(heading, table)
+
+
 class MainSmokeTest(absltest.TestCase):
 
   def test_smoke_run_prints_cases_and_the_headline_last(self):
@@ -129,9 +236,11 @@ class MainSmokeTest(absltest.TestCase):
       self.assertIsNotNone(headline[key], key)
       self.assertGreater(headline[key], 0.0, key)
     kinds = {line["kind"] for line in lines[:-1]}
-    self.assertEqual(kinds, {"meta", "matmul", "rollout", "train"})
+    self.assertEqual(kinds, {"meta", "matmul", "rollout", "train", "vocab"})
+    # The memory pair (compiled only): K = 8 needs more than K = 4.
+    self.assertGreater(headline["rec_memory_k8_over_k4"], 1.0)
     rollouts = [r for r in lines if r["kind"] == "rollout"]
-    self.assertEqual({r["method"] for r in rollouts}, set(bench.ROLLOUT_METHODS))
+    self.assertEqual({r["method"] for r in rollouts}, set(bench_rollouts.ROLLOUT_METHODS))
     for r in rollouts:
       # The three decoders draw the same tokens with the same log-probabilities:
       # the speed comparison is between equal work.
@@ -153,16 +262,18 @@ class MainSmokeTest(absltest.TestCase):
 
 @pytest.mark.slow
 class TrainCasesTest(absltest.TestCase):
-  """The other train-step kinds (seq_pg, OPD, RAML) on the tiny model (slow: compiles)."""
+  """The other train-step kinds (sequence term, OPD, RAML) on the tiny model (slow: compiles)."""
 
   def test_each_kind_runs_or_is_skipped_with_a_reason(self):
     jsd = {"objective.lambda_jsd": 0.1}
-    cases = [("rec+jsd+seq_pg/rao_blackwell", dict(jsd, **{"seq_pg.lambda_pg": 0.1})),
+    cases = [("rec+jsd+seq_pg/rao_blackwell",
+              dict(jsd, **{"objective.sequence_term.weight": 0.1})),
              ("opd", {}),
-             ("raml/N=1", dict(jsd, **{"objective.targets": "raml", "raml.num_samples": 1}))]
+             ("raml/N=1", dict(jsd, **{"objective.targets": "raml",
+                                       "objective.raml.num_samples": 1}))]
     for name, overrides in cases:
-      record = bench.train_case(name, "tiny", 8, 4, overrides, repeats=1, peak_gflops=1.0,
-                                budget_s=0.0)
+      record = bench_steps.train_case(name, "tiny", 8, 4, overrides, repeats=1,
+                                      peak_gflops=1.0, budget_s=0.0)
       if "skipped" in record:
         self.assertIsInstance(record["skipped"], str)
         self.assertNotEqual(name, "rec+jsd+seq_pg/rao_blackwell")
@@ -170,6 +281,13 @@ class TrainCasesTest(absltest.TestCase):
       self.assertGreater(record["median_s"], 0.0)
       self.assertGreater(record["flops_analytic"], 0.0)
       self.assertBetween(record["flops_xla"] / record["flops_analytic"], 0.5, 1.5)
+
+  def test_vocab_cases_compile_abstractly_for_memory(self):
+    # OPD's teacher and the states as ShapeDtypeStructs: compiled, never run.
+    for case in ("opd", "seq"):
+      record = bench_steps.vocab_case(case, "tiny", 8, 2, 1024, 4, timed=False)
+      self.assertGreater(record["peak_memory_bytes"], 0, case)
+      self.assertIsNone(record["median_s"])
 
 
 if __name__ == "__main__":

@@ -414,11 +414,11 @@ class TokenWeightsTest(chex.TestCase):
     np.testing.assert_array_equal(traced, [1, 0, 1, 1, 0, 0, 0])
 
   def test_divergence_weighting_properties(self):
-    hot = divergences.token_weights("divergence", self.MASK, self.JSD, temperature=0.1)
+    hot = divergences.token_weights("divergence", self.MASK, self.JSD, weight_temperature=0.1)
     np.testing.assert_allclose(jnp.sum(hot), self.MASK.sum(), rtol=1e-6)  # averages 1 over valid tokens
     self.assertEqual(int(jnp.argmax(hot)), 5)  # the most divergent *valid* position
     np.testing.assert_array_equal(np.asarray(hot)[~self.MASK], 0.0)
-    flat = divergences.token_weights("divergence", self.MASK, self.JSD, temperature=1e6)
+    flat = divergences.token_weights("divergence", self.MASK, self.JSD, weight_temperature=1e6)
     np.testing.assert_allclose(flat, self.MASK.astype(np.float32), rtol=1e-5)
     # Gradient is stopped through the weights.
     grad = jax.grad(lambda j: jnp.sum(divergences.token_weights("divergence", self.MASK, j) * 1.7))(self.JSD)
@@ -440,7 +440,7 @@ class TokenWeightsTest(chex.TestCase):
     with self.assertRaisesRegex(AssertionError, "mask_T and jsd_T"):
       divergences.token_weights("divergence", self.MASK, self.JSD[:5])
     with self.assertRaisesRegex(ValueError, "temperature"):
-      divergences.token_weights("divergence", self.MASK, self.JSD, temperature=-1.0)
+      divergences.token_weights("divergence", self.MASK, self.JSD, weight_temperature=-1.0)
 
 
 class WeightedMeanTest(chex.TestCase):

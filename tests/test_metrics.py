@@ -109,12 +109,6 @@ def _random_matches(rng, batch, num_latents, num_strategies):
 class SequenceTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_mask_through_eos(self):
-    tokens = np.array([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 3, 0], [4, 4, 4, 2]])
-    expected = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
-    np.testing.assert_array_equal(self.variant(metrics.mask_through_eos)(tokens), expected)
-
-  @chex.variants(with_jit=True, without_jit=True)
   def test_exact_match_hand_cases(self):
     target = np.array([[5, 6, EOS, PAD]] * 5 + [[5, 6, 7, 8]])
     pred = np.array([

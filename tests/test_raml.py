@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from latentdiv import logprobs
+from latentdiv import payoff
+from latentdiv import edits as edits_lib
 from latentdiv import raml
 from latentdiv import vocab
 
@@ -80,31 +83,31 @@ N_EDIT = 3000
 @functools.partial(jax.jit, static_argnames=("convention", "n"))
 def draw_hamming(key, target, mask, alphabet, tau, convention, n=N_DRAWS):
   keys = jax.random.split(key, n)
-  return jax.vmap(lambda k: raml.sample_hamming(k, target, mask, alphabet, tau, convention))(
+  return jax.vmap(lambda k: payoff.sample_hamming(k, target, mask, alphabet, tau, convention))(
       keys)
 
 
 @functools.partial(jax.jit, static_argnames=("convention", "n", "append_eos"))
 def draw_edit(key, target, length, alphabet, tau, convention, n=N_EDIT, append_eos=True):
   keys = jax.random.split(key, n)
-  return jax.vmap(lambda k: raml.sample_edit(
+  return jax.vmap(lambda k: edits_lib.sample_edit(
       k, target, length, alphabet, tau, convention, append_eos=append_eos))(keys)
 
 
 @functools.partial(jax.jit, static_argnames=("convention",))
 def batch_hamming_log_prob(samples, target, mask, alphabet, tau, convention):
-  return jax.vmap(lambda y: raml.hamming_log_prob(y, target, mask, alphabet, tau,
+  return jax.vmap(lambda y: payoff.hamming_log_prob(y, target, mask, alphabet, tau,
                                                   convention))(samples)
 
 
-batch_edit_distance = jax.jit(jax.vmap(raml.edit_distance, in_axes=(0, 0, None, None)))
+batch_edit_distance = jax.jit(jax.vmap(edits_lib.edit_distance, in_axes=(0, 0, None, None)))
 
 
 def padded_row(content, t=T_HAM):
   """content + EOS + PAD to length t, and its editable mask."""
   row = jnp.array(list(content) + [vocab.EOS] + [vocab.PAD] * (t - len(content) - 1),
                   jnp.int32)
-  return row, raml.editable_mask(row)
+  return row, logprobs.content_mask(row)
 
 
 # ---------------------------------------------------------------------------
@@ -121,20 +124,20 @@ class EditCountPmfTest(parameterized.TestCase):
 
   def _check_rescaled_is_binomial(self, t, v_prime, tau):
     with jax.enable_x64(True):
-      log_pmf = np.asarray(raml.log_edit_count_pmf(t, v_prime, tau, "rescaled"))
+      log_pmf = np.asarray(payoff.log_edit_count_pmf(t, v_prime, tau, "rescaled"))
       rho = (v_prime - 1) ** (1.0 - 1.0 / tau) * math.exp(-1.0 / tau)
       expected = stats.binom.pmf(np.arange(t + 1), t, rho / (1.0 + rho))
       np.testing.assert_allclose(np.exp(log_pmf), expected, rtol=0, atol=1e-10)
       # Same distribution as "exact" at the effective temperature.
-      tau_eff = float(raml.effective_temperature(v_prime, tau, "rescaled"))
+      tau_eff = float(payoff.effective_temperature(v_prime, tau, "rescaled"))
       np.testing.assert_allclose(tau_eff, tau / (1.0 + math.log(v_prime - 1)), rtol=1e-12)
-      log_pmf_exact = np.asarray(raml.log_edit_count_pmf(t, v_prime, tau_eff, "exact"))
+      log_pmf_exact = np.asarray(payoff.log_edit_count_pmf(t, v_prime, tau_eff, "exact"))
       np.testing.assert_allclose(np.exp(log_pmf_exact), expected, rtol=0, atol=1e-10)
 
   def test_exact_matches_counts(self):
     for t, v_prime, tau in itertools.product([1, 15], [2, 3, 10], [0.05, 1.0, 20.0]):
       with jax.enable_x64(True):
-        log_pmf = np.asarray(raml.log_edit_count_pmf(t, v_prime, tau, "exact"))
+        log_pmf = np.asarray(payoff.log_edit_count_pmf(t, v_prime, tau, "exact"))
       w = np.array([math.comb(t, e) * (v_prime - 1) ** e * math.exp(-e / tau)
                     for e in range(t + 1)], np.float64)
       np.testing.assert_allclose(np.exp(log_pmf), w / w.sum(), rtol=1e-9, atol=1e-14)
@@ -143,7 +146,7 @@ class EditCountPmfTest(parameterized.TestCase):
   def test_long_sequences_are_stable(self, convention, x64):
     for tau in (0.01, 0.9, 100.0):
       with jax.enable_x64(x64):
-        log_pmf = raml.log_edit_count_pmf(512, 30000, tau, convention)
+        log_pmf = payoff.log_edit_count_pmf(512, 30000, tau, convention)
         chex.assert_shape(log_pmf, (513,))
         self.assertTrue(bool(jnp.all(jnp.isfinite(log_pmf))))
         total = float(jnp.sum(jnp.exp(log_pmf)))
@@ -151,7 +154,7 @@ class EditCountPmfTest(parameterized.TestCase):
 
   def test_edit_count_pmf_long_sequences_are_stable(self):
     for convention, tau in [("exact", 0.01), ("rescaled", 0.9), ("exact", 100.0)]:
-      log_pmf = raml.log_edit_distance_count_pmf(500, 30000, tau, convention, 512)
+      log_pmf = edits_lib.log_edit_distance_count_pmf(500, 30000, tau, convention, 512)
       chex.assert_shape(log_pmf, (513,))
       self.assertTrue(bool(jnp.all(jnp.isfinite(log_pmf))))
       self.assertAlmostEqual(float(jnp.sum(jnp.exp(log_pmf))), 1.0, delta=1e-5)
@@ -159,56 +162,56 @@ class EditCountPmfTest(parameterized.TestCase):
   def test_degenerate_cases(self):
     # tau = 0 is maximum likelihood; V' = 1 has no alternative; n = 0.
     for convention in raml.CONVENTIONS:
-      for log_pmf in (raml.log_edit_count_pmf(6, 10, 0.0, convention),
-                      raml.log_edit_count_pmf(6, 1, 0.7, convention),
-                      raml.log_edit_count_pmf(0, 10, 0.7, convention, max_length=6)):
+      for log_pmf in (payoff.log_edit_count_pmf(6, 10, 0.0, convention),
+                      payoff.log_edit_count_pmf(6, 1, 0.7, convention),
+                      payoff.log_edit_count_pmf(0, 10, 0.7, convention, max_length=6)):
         np.testing.assert_allclose(np.exp(np.asarray(log_pmf)), np.eye(7)[0], atol=1e-7)
 
   def test_per_row_length_with_masking(self):
     lengths = jnp.array([0, 3, 10])
     fn = jax.jit(jax.vmap(
-        lambda n: raml.log_edit_count_pmf(n, 7, 0.8, "rescaled", max_length=10)))
+        lambda n: payoff.log_edit_count_pmf(n, 7, 0.8, "rescaled", max_length=10)))
     out = np.asarray(fn(lengths))
     chex.assert_shape(out, (3, 11))
     for row, n in zip(out, [0, 3, 10]):
       np.testing.assert_allclose(
-          row[:n + 1], np.asarray(raml.log_edit_count_pmf(n, 7, 0.8, "rescaled")),
+          row[:n + 1], np.asarray(payoff.log_edit_count_pmf(n, 7, 0.8, "rescaled")),
           rtol=1e-5, atol=1e-4)
       self.assertTrue(np.all(np.isneginf(row[n + 1:])))
 
   def test_traced_length_needs_max_length(self):
     with self.assertRaisesRegex(ValueError, "max_length"):
-      jax.jit(lambda n: raml.log_edit_count_pmf(n, 7, 0.8, "exact"))(3)
+      jax.jit(lambda n: payoff.log_edit_count_pmf(n, 7, 0.8, "exact"))(3)
 
   def test_unknown_convention(self):
     with self.assertRaisesRegex(ValueError, "'exact', 'rescaled'"):
-      raml.log_edit_count_pmf(4, 5, 0.5, "paper")
+      payoff.log_edit_count_pmf(4, 5, 0.5, "paper")
     with self.assertRaisesRegex(ValueError, "allowed values"):
-      raml.hamming_log_odds(5, 0.5, "norouzi")
+      payoff.hamming_log_odds(5, 0.5, "norouzi")
 
 
 class CountPmfVariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_pmfs_jit_and_no_jit(self):
-    fn = self.variant(raml.log_edit_count_pmf, static_argnames=("convention", "max_length"))
+    fn = self.variant(payoff.log_edit_count_pmf, static_argnames=("convention", "max_length"))
     log_pmf = fn(jnp.int32(5), 4, 0.8, convention="rescaled", max_length=8)
     chex.assert_shape(log_pmf, (9,))
     rho = 3 ** (1 - 1 / 0.8) * math.exp(-1 / 0.8)
     np.testing.assert_allclose(np.exp(np.asarray(log_pmf)),
                                stats.binom.pmf(np.arange(9), 5, rho / (1 + rho)), atol=1e-6)
-    log_odds = self.variant(raml.hamming_log_odds, static_argnames=("convention",))(
+    log_odds = self.variant(payoff.hamming_log_odds, static_argnames=("convention",))(
         4, 0.8, convention="rescaled")
     self.assertAlmostEqual(float(log_odds), math.log(rho), places=5)
-    tau_eff = self.variant(raml.effective_temperature, static_argnames=("convention",))(
+    tau_eff = self.variant(payoff.effective_temperature, static_argnames=("convention",))(
         4, 0.8, convention="rescaled")
     self.assertAlmostEqual(float(tau_eff), 0.8 / (1 + math.log(3)), places=6)
-    edit_pmf = self.variant(raml.log_edit_distance_count_pmf,
+    edit_pmf = self.variant(edits_lib.log_edit_distance_count_pmf,
                             static_argnames=("convention", "max_edits"))(
                                 jnp.int32(4), 6, 0.8, convention="exact", max_edits=9)
     np.testing.assert_allclose(np.exp(np.asarray(edit_pmf)),
                                np_edit_count_pmf(4, 6, 0.8, "exact", 9), rtol=1e-4, atol=1e-7)
-    self.assertEqual(int(self.variant(raml.alphabet_size)(jnp.arange(7) % 2 == 0)), 4)
+    self.assertEqual(int(self.variant(payoff.alphabet_size)(jnp.arange(7) % 2 == 0)), 4)
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +237,7 @@ class SampleHammingTest(parameterized.TestCase):
                                       np.broadcast_to(target[t:], (N_DRAWS, T_HAM - t)))
         self.assertTrue(np.all((samples[:, :t] >= lo) & (samples[:, :t] < lo + v_prime)))
         with jax.enable_x64(True):
-          pmf = np.exp(np.asarray(raml.log_edit_count_pmf(t, v_prime, tau, convention)))
+          pmf = np.exp(np.asarray(payoff.log_edit_count_pmf(t, v_prime, tau, convention)))
         counts = np.bincount(edits, minlength=t + 1)
         self.assertGreater(chi_square_pvalue(counts, pmf), P_MIN,
                            msg=f"t={t} V'={v_prime} tau={tau}: {counts} vs {pmf * N_DRAWS}")
@@ -246,7 +249,7 @@ class SampleHammingTest(parameterized.TestCase):
                             "rescaled")
     counts = np.bincount(np.asarray(edits), minlength=t + 1)
     with jax.enable_x64(True):
-      wrong = np.exp(np.asarray(raml.log_edit_count_pmf(t, v_prime, tau, "exact")))
+      wrong = np.exp(np.asarray(payoff.log_edit_count_pmf(t, v_prime, tau, "exact")))
     self.assertLess(chi_square_pvalue(counts, wrong), 1e-6)
 
   @parameterized.product(convention=["exact", "rescaled"], alphabet_kind=["range", "mask"])
@@ -318,10 +321,10 @@ class SampleHammingTest(parameterized.TestCase):
 
   def test_shape_errors(self):
     with self.assertRaises(AssertionError):
-      raml.sample_hamming(rkey(0), jnp.zeros((4,), jnp.int32),
+      payoff.sample_hamming(rkey(0), jnp.zeros((4,), jnp.int32),
                           jnp.ones((5,), bool), (3, 6), 1.0, "exact")
     with self.assertRaisesRegex(ValueError, "allowed values"):
-      raml.sample_hamming(rkey(0), jnp.zeros((4,), jnp.int32),
+      payoff.sample_hamming(rkey(0), jnp.zeros((4,), jnp.int32),
                           jnp.ones((4,), bool), (3, 6), 1.0, "bogus")
 
 
@@ -330,15 +333,15 @@ class SampleHammingVariantsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_shapes_and_consistency(self):
     alphabet = jnp.zeros((12,), bool).at[3:12:2].set(True)
-    fn = self.variant(raml.sample_hamming, static_argnames=("convention",))
+    fn = self.variant(payoff.sample_hamming, static_argnames=("convention",))
     target = jnp.array([3, 5, 7, 9, vocab.EOS, vocab.PAD], jnp.int32)
-    mask = raml.editable_mask(target)
+    mask = logprobs.content_mask(target)
     sample, e = fn(jax.random.PRNGKey(0), target, mask, alphabet, 2.0, convention="exact")
     chex.assert_shape(sample, (6,))
     chex.assert_shape(e, ())
-    self.assertEqual(int(e), int(raml.hamming_distance(sample, target, mask)))
+    self.assertEqual(int(e), int(payoff.hamming_distance(sample, target, mask)))
     self.assertTrue(bool(jnp.all(alphabet[sample[:4]])))
-    log_q = self.variant(raml.hamming_log_prob, static_argnames=("convention",))(
+    log_q = self.variant(payoff.hamming_log_prob, static_argnames=("convention",))(
         sample, target, mask, alphabet, 2.0, convention="exact")
     chex.assert_shape(log_q, ())
     self.assertTrue(bool(jnp.isfinite(log_q)))
@@ -359,7 +362,7 @@ class EditDistanceTest(chex.TestCase):
     b = rng.integers(3, 6, (n, tb))
     a_len = rng.integers(0, ta + 1, n)
     b_len = rng.integers(0, tb + 1, n)
-    fn = self.variant(jax.vmap(raml.edit_distance))
+    fn = self.variant(jax.vmap(edits_lib.edit_distance))
     got = np.asarray(fn(jnp.asarray(a), jnp.asarray(a_len), jnp.asarray(b), jnp.asarray(b_len)))
     chex.assert_shape(got, (n,))
     want = [np_levenshtein(list(a[i, :a_len[i]]), list(b[i, :b_len[i]])) for i in range(n)]
@@ -367,11 +370,11 @@ class EditDistanceTest(chex.TestCase):
 
   def test_known_values_and_errors(self):
     a = jnp.array([3, 4, 5, 6, vocab.EOS, 0])
-    self.assertEqual(int(raml.edit_distance(a, 4, jnp.array([3, 5, 6, 7, 8]), 5)), 3)
-    self.assertEqual(int(raml.edit_distance(a, 0, a, 4)), 4)
-    self.assertEqual(int(raml.edit_distance(a, 4, a, 4)), 0)
+    self.assertEqual(int(edits_lib.edit_distance(a, 4, jnp.array([3, 5, 6, 7, 8]), 5)), 3)
+    self.assertEqual(int(edits_lib.edit_distance(a, 0, a, 4)), 4)
+    self.assertEqual(int(edits_lib.edit_distance(a, 4, a, 4)), 0)
     with self.assertRaises(AssertionError):
-      raml.edit_distance(jnp.zeros((2, 3), jnp.int32), 1, a, 2)
+      edits_lib.edit_distance(jnp.zeros((2, 3), jnp.int32), 1, a, 2)
 
 
 def np_edit_count_pmf(n, v_prime, tau, convention, max_edits):
@@ -391,7 +394,7 @@ class SampleEditTest(parameterized.TestCase):
   def test_count_pmf_matches_formula(self, convention):
     for n, tau in itertools.product([0, 4, 9], [0.3, 5.0]):
       with jax.enable_x64(True):
-        got = np.exp(np.asarray(raml.log_edit_distance_count_pmf(n, 6, tau, convention, 9)))
+        got = np.exp(np.asarray(edits_lib.log_edit_distance_count_pmf(n, 6, tau, convention, 9)))
       np.testing.assert_allclose(got, np_edit_count_pmf(n, 6, tau, convention, 9),
                                  rtol=1e-9, atol=1e-14)
 
@@ -449,7 +452,7 @@ class SampleEditTest(parameterized.TestCase):
     np.testing.assert_array_equal(lengths[edits == 1], 1)
     np.testing.assert_array_equal(tokens[np.arange(N_EDIT), lengths], vocab.EOS)
     # T = 1 with EOS: no room for content.
-    out = raml.sample_edit(rkey(0), jnp.array([vocab.EOS]), 0, (3, 5), 10.0,
+    out = edits_lib.sample_edit(rkey(0), jnp.array([vocab.EOS]), 0, (3, 5), 10.0,
                            "exact")
     np.testing.assert_array_equal(out.tokens, [vocab.EOS])
     self.assertEqual(int(out.length), 0)
@@ -459,14 +462,14 @@ class SampleEditVariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_shapes(self):
-    fn = self.variant(raml.sample_edit,
+    fn = self.variant(edits_lib.sample_edit,
                       static_argnames=("convention", "max_edits", "append_eos"))
     target = jnp.array([3, 7, 4, vocab.EOS, 0, 0], jnp.int32)
     alphabet = jnp.arange(10) >= 3
     out = fn(rkey(3), target, 3, alphabet, 2.0, convention="exact", max_edits=4)
     chex.assert_shape([out.tokens, out.length, out.num_edits], [(6,), (), ()])
     self.assertLessEqual(int(out.num_edits), 4)
-    self.assertLessEqual(int(raml.edit_distance(out.tokens, out.length, target, 3)),
+    self.assertLessEqual(int(edits_lib.edit_distance(out.tokens, out.length, target, 3)),
                          int(out.num_edits))
     self.assertEqual(int(out.tokens[out.length]), vocab.EOS)
 
@@ -478,14 +481,14 @@ class SampleRamlTargetsTest(chex.TestCase):
     targets = jnp.array([[3, 4, 5, 6, vocab.EOS, 0],
                          [7, 8, vocab.EOS, 0, 0, 0],
                          [0, 0, 0, 0, 0, 0]], jnp.int32)
-    masks = jax.vmap(raml.editable_mask)(targets)
+    masks = jax.vmap(logprobs.content_mask)(targets)
     fn = self.variant(raml.sample_raml_targets,
                       static_argnames=("n_samples", "convention", "reward", "max_edits"))
     out = fn(rkey(0), targets, masks, n_samples=16, alphabet=(3, 9), tau=0.9,
              convention="rescaled", reward="hamming")
     chex.assert_shape(out.tokens, (3, 16, 6))
     chex.assert_shape(out.num_edits, (3, 16))
-    dist = jax.vmap(jax.vmap(raml.hamming_distance, in_axes=(0, None, None)))(
+    dist = jax.vmap(jax.vmap(payoff.hamming_distance, in_axes=(0, None, None)))(
         out.tokens, targets, masks)
     np.testing.assert_array_equal(out.num_edits, dist)
     np.testing.assert_array_equal(out.tokens[2], 0)
@@ -496,7 +499,7 @@ class SampleRamlTargetsTest(chex.TestCase):
   def test_edit_batch(self):
     targets = jnp.array([[3, 4, 5, vocab.EOS, 0, 0],
                          [7, vocab.EOS, 0, 0, 0, 0]], jnp.int32)
-    masks = jax.vmap(raml.editable_mask)(targets)
+    masks = jax.vmap(logprobs.content_mask)(targets)
     fn = self.variant(raml.sample_raml_targets,
                       static_argnames=("n_samples", "convention", "reward", "max_edits"))
     out = fn(rkey(1), targets, masks, n_samples=16, alphabet=(3, 9), tau=0.9,
@@ -599,16 +602,16 @@ class LossesTest(chex.TestCase):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(T_HAM, 9)).astype(np.float32)
     target, _ = padded_row([3, 8, 4])
-    mask = self.variant(raml.output_mask)(target)
+    mask = self.variant(logprobs.output_mask)(target)
     np.testing.assert_array_equal(mask, np.arange(T_HAM) <= 3)
     lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = sum(lp[t, int(target[t])] for t in range(4))
-    got = self.variant(raml.sequence_log_likelihood)(jnp.asarray(logits), target, mask)
+    got = self.variant(logprobs.sequence_log_likelihood)(jnp.asarray(logits), target, mask)
     self.assertAlmostEqual(float(got), want, places=5)
     # tau = 0: every RAML sample is y*, so the RAML loss is the ML loss.
-    samples, _ = draw_hamming(rkey(0), target, raml.editable_mask(target),
+    samples, _ = draw_hamming(rkey(0), target, logprobs.content_mask(target),
                               (3, 9), 0.0, "rescaled")
-    ll = jax.vmap(lambda y: raml.sequence_log_likelihood(jnp.asarray(logits), y, mask))(
+    ll = jax.vmap(lambda y: logprobs.sequence_log_likelihood(jnp.asarray(logits), y, mask))(
         samples[:8])
     self.assertAlmostEqual(float(self.variant(raml.raml_loss)(ll)), -want, places=5)
 
@@ -658,7 +661,7 @@ class LabelSmoothingTest(chex.TestCase):
     rng = np.random.default_rng(0)
     unigram = rng.integers(1, 10, v).astype(np.float32)
     targets = jnp.array([3, 6, 5, vocab.EOS, 0], jnp.int32)
-    mask = raml.output_mask(targets)
+    mask = logprobs.output_mask(targets)
     logits = rng.normal(size=(5, v)).astype(np.float32)
     kwargs = dict(prior=prior, alphabet=alphabet,
                   unigram=jnp.asarray(unigram) if prior == "unigram" else None)

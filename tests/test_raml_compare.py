@@ -21,7 +21,7 @@ if _REPO not in sys.path:
 from experiments import raml_compare  # noqa: E402
 from experiments.configs import raml as raml_config  # noqa: E402
 from latentdiv import model as model_lib  # noqa: E402
-from latentdiv import train  # noqa: E402
+from latentdiv import experiment  # noqa: E402
 from latentdiv import vocab  # noqa: E402
 
 
@@ -53,18 +53,18 @@ class ArmsTest(parameterized.TestCase):
       ("hamming,0.6", "raml", "hamming", 0.6), ("edit,0.9", "raml", "edit", 0.9))
   def test_every_arm_builds_with_one_latent_and_no_divergence(self, arm, targets, reward, tau):
     config = raml_compare.get_config(arm, seed=2, num_steps=7)
-    setup = train.build(config)  # Validates; nothing compiles.
+    setup, _ = experiment.build(config)  # Validates; nothing compiles.
     self.assertEqual((config.seed, config.train.num_steps), (2, 7))
     self.assertEqual(config.model.num_latents, 1)
     self.assertEqual(config.objective.lambda_jsd, 0.0)
-    self.assertEqual(config.seq_pg.lambda_pg, 0.0)
-    self.assertEqual(config.raml.convention, "rescaled")
+    self.assertEqual(config.objective.sequence_term.weight, 0.0)
+    self.assertEqual(config.objective.raml.convention, "rescaled")
     self.assertEqual(config.objective.targets, targets)
     self.assertEqual(setup.task.name, "transduction")
     if targets == "label_smoothing":
-      self.assertEqual(config.raml.epsilon, 0.2)
+      self.assertEqual(config.objective.raml.epsilon, 0.2)
     if reward is not None:
-      self.assertEqual((config.raml.reward, config.raml.tau), (reward, tau))
+      self.assertEqual((config.objective.raml.reward, config.objective.raml.tau), (reward, tau))
 
 
 def _brute_force_kl(model, params, prompt_P, target_T, lo, hi, tau_eff):

@@ -8,18 +8,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from latentdiv import reconstruction
-from latentdiv import vocab
 
 
 def np_log_softmax(logits):
   logits = np.asarray(logits, np.float64)
   shifted = logits - logits.max(-1, keepdims=True)
   return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def np_sequence_log_likelihood(logits, targets, mask):
-  log_probs = np_log_softmax(logits)
-  return sum(log_probs[t, targets[t]] for t in range(len(targets)) if mask[t])
 
 
 def np_log_mean_exp(x):
@@ -29,58 +23,6 @@ def np_log_mean_exp(x):
 
 def _loglik(seed, shape=(6, 4)):
   return np.asarray(np.random.default_rng(seed).normal(size=shape) * 3 - 10, np.float32)
-
-
-class SequenceLogLikelihoodTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_numpy_and_ignores_pad(self):
-    rng = np.random.default_rng(0)
-    logits = np.asarray(rng.normal(size=(6, 9)) * 2, np.float32)
-    targets = np.array([5, 7, 3, vocab.EOS, vocab.PAD, vocab.PAD], np.int32)
-    mask = targets != vocab.PAD
-    got = self.variant(reconstruction.sequence_log_likelihood)(logits, targets, mask)
-    chex.assert_shape(got, ())
-    chex.assert_type(got, jnp.float32)
-    np.testing.assert_allclose(got, np_sequence_log_likelihood(logits, targets, mask), rtol=1e-5)
-    # Whatever the PAD positions hold, they do not count.
-    other = logits.copy()
-    other[4:] = rng.normal(size=(2, 9)) * 50
-    np.testing.assert_allclose(reconstruction.sequence_log_likelihood(other, targets, mask), got, rtol=1e-6)
-
-  def test_vmap_over_batch_and_latents(self):
-    rng = np.random.default_rng(1)
-    logits = np.asarray(rng.normal(size=(3, 2, 5, 7)), np.float32)  # [B, K, T, V]
-    targets = rng.integers(vocab.FIRST_CONTENT, 7, size=(3, 5)).astype(np.int32)
-    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
-    fn = jax.jit(jax.vmap(jax.vmap(reconstruction.sequence_log_likelihood, (0, None, None))))
-    got = fn(logits, targets, mask)
-    chex.assert_shape(got, (3, 2))
-    want = [[np_sequence_log_likelihood(logits[b, k], targets[b], mask[b]) for k in range(2)] for b in range(3)]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got[2], 0.0)
-
-  def test_extreme_logits_and_fully_masked_have_finite_gradients(self):
-    signs = np.random.default_rng(2).choice([-1.0, 1.0], size=(5, 6))
-    logits = jnp.asarray(signs * 1e4, jnp.float32)
-    targets = jnp.asarray([3, 4, 5, 0, 1], jnp.int32)
-    for mask in (np.array([1, 1, 1, 0, 0], bool), np.zeros(5, bool)):
-      value, grad = jax.value_and_grad(reconstruction.sequence_log_likelihood)(logits, targets, mask)
-      chex.assert_tree_all_finite((value, grad))
-      if not mask.any():
-        self.assertEqual(float(value), 0.0)
-        np.testing.assert_array_equal(grad, 0.0)
-
-  def test_shape_errors_name_the_argument(self):
-    logits = jnp.zeros((5, 6))
-    with self.assertRaisesRegex(AssertionError, "logits_TxV"):
-      reconstruction.sequence_log_likelihood(jnp.zeros((2, 5, 6)), jnp.zeros(5, jnp.int32), jnp.ones(5))
-    with self.assertRaisesRegex(AssertionError, "targets_T and mask_T"):
-      reconstruction.sequence_log_likelihood(logits, jnp.zeros(5, jnp.int32), jnp.ones(4))
-    with self.assertRaisesRegex(AssertionError, "len\\(targets_T\\)"):
-      reconstruction.sequence_log_likelihood(logits, jnp.zeros(4, jnp.int32), jnp.ones(4))
-    with self.assertRaisesRegex(AssertionError, "targets_T must hold integer"):
-      reconstruction.sequence_log_likelihood(logits, jnp.zeros(5), jnp.ones(5))
 
 
 class EMLossTest(chex.TestCase):

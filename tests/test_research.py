@@ -16,7 +16,7 @@ if _REPO not in sys.path:
 
 from experiments import research  # noqa: E402
 from experiments.configs import research_common  # noqa: E402
-from latentdiv import train  # noqa: E402
+from latentdiv import experiment  # noqa: E402
 
 
 def _brute_force_per_example_coverage(matches, num_strategies):
@@ -52,24 +52,24 @@ class ConfigTest(parameterized.TestCase):
   @parameterized.product(arm=research_common.ARMS, task=research_common.TASKS)
   def test_every_arm_builds_and_covers_the_divergent_positions(self, arm, task):
     config = research.get_config(arm, task, seed=2)
-    setup = train.build(config)  # Validates; nothing compiles.
+    setup, _ = experiment.build(config)  # Validates; nothing compiles.
     self.assertEqual(config.seed, 2)
     self.assertEqual(config.objective.jsd_prefix_len, setup.task.target_len)
     # Rollouts cover every content token (the divergent ones are the last 3 of the late task).
-    self.assertEqual(config.seq_pg.rollout_len, setup.task.target_len - 1)
+    self.assertEqual(config.objective.sequence_term.rollout_len, setup.task.target_len - 1)
     self.assertEqual(setup.task.num_strategies, config.model.num_latents)
     uses_jsd = arm not in ("recon", "seq_rb_nojsd")
     uses_pg = arm.startswith("seq")
     self.assertEqual(config.objective.lambda_jsd > 0, uses_jsd)
-    self.assertEqual(config.seq_pg.lambda_pg > 0, uses_pg)
+    self.assertEqual(config.objective.sequence_term.weight > 0, uses_pg)
     expected = {"seq_rb": ("rao_blackwell", "none"), "seq_traj": ("trajectory", "none"),
                 "seq_cv": ("reward_to_go_baseline", "jsd"),
                 "seq_rb_nojsd": ("rao_blackwell", "none")}
     if uses_pg:
-      self.assertEqual((config.seq_pg.estimator, config.seq_pg.baseline), expected[arm])
+      self.assertEqual((config.objective.sequence_term.estimator, config.objective.sequence_term.baseline), expected[arm])
 
   def test_late_task_strategies_share_the_prefix_and_permute_the_suffix(self):
-    setup = train.build(research.get_config("jsd", "late"))
+    setup, _ = experiment.build(research.get_config("jsd", "late"))
     import jax  # pylint: disable=import-outside-toplevel
     batch = jax.jit(setup.task.sample, static_argnums=1)(jax.random.PRNGKey(0), 16)
     valid = np.asarray(batch.valid_outputs)  # [B, S, T]

@@ -18,16 +18,16 @@ import optax
 from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
+from latentdiv import experiment
+from latentdiv import objectives
 from latentdiv import sharding
-from latentdiv import train
 
 NUM_DEVICES = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config(lambda_pg=0.5):
-  from latentdiv import config as config_lib  # pylint: disable=import-outside-toplevel
-  c = config_lib.base_config()
+  c = objectives.base_config()
   c.model.d_model = 32
   c.model.num_heads = 2
   c.model.num_layers = 1
@@ -35,9 +35,9 @@ def _tiny_config(lambda_pg=0.5):
   c.task.prompt_len = 3
   c.train.batch_size = 2 * NUM_DEVICES
   c.objective.lambda_jsd = 0.1
-  c.seq_pg.lambda_pg = lambda_pg
-  c.seq_pg.estimator = "rao_blackwell"
-  c.seq_pg.rollout_len = 4
+  c.objective.sequence_term.weight = lambda_pg
+  c.objective.sequence_term.estimator = "rao_blackwell"
+  c.objective.sequence_term.rollout_len = 4
   return c
 
 
@@ -78,7 +78,7 @@ def _worker() -> dict:
   jax.config.update("jax_numpy_rank_promotion", "raise")
   import tempfile  # pylint: disable=import-outside-toplevel
   from latentdiv import checkpointing  # pylint: disable=import-outside-toplevel
-  from latentdiv import seq_kl  # pylint: disable=import-outside-toplevel
+  from latentdiv import experiment  # pylint: disable=import-outside-toplevel
   from latentdiv import train  # pylint: disable=import-outside-toplevel
 
   mesh = sharding.make_mesh()
@@ -86,20 +86,16 @@ def _worker() -> dict:
 
   # 1. The full objective (reconstruction, token JSD, seq_pg rollouts and
   # estimator) on a fixed batch: batch split over 'data', parameters replicated.
-  setup = train.build(_tiny_config())
+  setup, objective = experiment.build(_tiny_config())
   config = setup.config
-  state = jax.jit(lambda: train.init_state(setup))()
+  state = train.init_state(setup, objective)
   batch = jax.jit(setup.task.sample, static_argnums=1)(
       jax.random.fold_in(train.data_key(config), 0), config.train.batch_size)
   key = jax.random.PRNGKey(7)
 
   def loss_fn(params, batch, key):
-    # The loss of train.make_train_step: reconstruction − λ_jsd·Ĵ + λ_pg·seq_pg surrogate.
-    logits, rec, jsd, _ = train.teacher_forced_terms(setup, params, batch)
-    pg = seq_kl.seq_pg_terms(setup, params, batch, key, state.extra,
-                             jax.lax.stop_gradient(logits))
-    return (rec.loss - config.objective.lambda_jsd * jnp.mean(jsd.value)
-            + config.seq_pg.lambda_pg * pg.surrogate)
+    # The loss the train step differentiates: reconstruction − λ_jsd·Ĵ + w·sequence-term surrogate.
+    return objective.loss(params, (), state.extra, batch, key, state.step)[0]
 
   grad_fn = jax.value_and_grad(loss_fn)
   loss_1, grads_1 = jax.jit(grad_fn)(state.params, batch, key)
@@ -116,13 +112,14 @@ def _worker() -> dict:
   # with learning rate 1, so the update IS the gradient (Adam's first step,
   # g / |g|, would amplify float noise in gradients that are 0 in exact
   # arithmetic, such as the attention key bias's).
-  tf_setup = train.build(_tiny_config(lambda_pg=0.0))._replace(optimizer=optax.sgd(1.0))
+  tf_setup, tf_objective = experiment.build(_tiny_config(lambda_pg=0.0))
+  tf_setup = tf_setup._replace(optimizer=optax.sgd(1.0))
   tf_state = state.replace(opt_state=tf_setup.optimizer.init(state.params))
 
   @jax.jit
   def reference(state, batch):
     def tf_loss_fn(params):
-      _, rec, jsd, _ = train.teacher_forced_terms(tf_setup, params, batch)
+      _, rec, jsd, _ = tf_objective.teacher_forced_terms(params, batch)
       return rec.loss - config.objective.lambda_jsd * jnp.mean(jsd.value)
 
     loss, grads = jax.value_and_grad(tf_loss_fn)(state.params)
@@ -130,7 +127,7 @@ def _worker() -> dict:
     return loss, optax.global_norm(grads), optax.apply_updates(state.params, updates)
 
   ref_loss, ref_grad_norm, ref_params = reference(tf_state, batch)
-  step = train.make_train_step(tf_setup)
+  step = train.make_train_step(tf_setup, tf_objective)
   shardings = sharding.state_shardings(tf_state, mesh, fsdp=True, min_size=256)
   step_fsdp = sharding.jit_data_parallel(step, mesh, tf_state, fsdp=True, min_size=256)
   new_state, aux = step_fsdp(sharding.place_state(tf_state, mesh, fsdp=True, min_size=256))
@@ -156,14 +153,14 @@ def _worker() -> dict:
   # step, evaluation, checkpoint, and a resume restoring into the mesh layout.
   with tempfile.TemporaryDirectory() as workdir:
     run_config = _run_config(workdir)
-    run_summary = train.train_and_evaluate(run_config, workdir)
+    run_summary = experiment.train_and_evaluate(run_config, workdir)
     run_losses = _train_losses(workdir)
     run_config.train.num_steps = 4
-    resumed_summary = train.train_and_evaluate(run_config, workdir)
+    resumed_summary = experiment.train_and_evaluate(run_config, workdir)
   try:
     bad = _run_config("")
     bad.train.batch_size = 12
-    train.train_and_evaluate(bad, os.path.join(tempfile.gettempdir(), "never_created"))
+    experiment.train_and_evaluate(bad, os.path.join(tempfile.gettempdir(), "never_created"))
     run_bad_batch_error = ""
   except ValueError as err:
     run_bad_batch_error = str(err)
@@ -255,7 +252,7 @@ class EightDeviceTest(absltest.TestCase):
     # config here on 1: the same per-step losses and final metrics.
     r = self.result
     with tempfile.TemporaryDirectory() as workdir:
-      summary = train.train_and_evaluate(_run_config(workdir), workdir)
+      summary = experiment.train_and_evaluate(_run_config(workdir), workdir)
       losses = _train_losses(workdir)
     self.assertLen(r["run_losses"], 3)
     np.testing.assert_allclose(r["run_losses"], losses, rtol=1e-4)

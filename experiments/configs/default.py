@@ -8,11 +8,11 @@ latents; the token-level JSD term (λ_jsd > 0) pushes the latents apart. On
 with >= 90% validity for every latent.
 """
 
-from latentdiv import config as config_lib
+from latentdiv import objectives
 
 
 def get_config():
-  config = config_lib.base_config()
+  config = objectives.base_config()
   config.task.name = "early_divergence"
   config.task.num_strategies = 3
   config.model.num_latents = 3

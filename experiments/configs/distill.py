@@ -4,7 +4,7 @@
     python run.py --config=experiments/configs/distill.py --workdir=workdir/distill/opd_rb
     python run.py --config=experiments/configs/distill.py:gkd --workdir=workdir/distill/gkd
     python run.py --config=experiments/configs/distill.py:seq_kd \\
-        --config.distill.teacher_workdir=/path/to/teacher --workdir=workdir/distill/seq_kd
+        --config.objective.teacher_workdir=/path/to/teacher --workdir=workdir/distill/seq_kd
 
 ``python experiments/distill_compare.py`` trains the teacher (if absent) and
 every method below with three seeds, and writes the table and learning curves
@@ -12,7 +12,7 @@ of ``docs/RESULTS.md`` ("On-policy distillation").
 
 The teacher is the default run (``experiments/configs/default.py``: early
 divergence, 3 hidden strategies, K = 3 latents, a 2-layer d_model = 64
-Transformer) read from ``distill.teacher_workdir``. The student is a 1-layer
+Transformer) read from ``objective.teacher_workdir``. The student is a 1-layer
 d_model = 32 Transformer with the same K = 3 latents, distilled per latent
 (``teacher_latent = -1``: student latent k towards teacher latent k) on
 responses of the task's full length (T = 5 tokens including EOS): batch 32
@@ -20,8 +20,11 @@ prompts × 3 latents, 300 steps of AdamW (lr 3e-3, 20 warmup steps, constant).
 
 The argument after the colon picks the method (default ``opd_rb``):
 
-* ``opd_rb`` — OPD, sequence reverse KL, ``rao_blackwell`` estimator;
-* ``opd_kl_to_go`` — OPD, ``kl_to_go`` estimator (iv);
+* ``opd_rb`` — OPD, sequence reverse KL, ``rao_blackwell`` estimator, after a
+  warm start of ``WARM_START_STEPS`` steps of seq-KD (DESIGN.md §6.4: from a
+  random student the exact objective's steepest descent is to emit EOS first);
+* ``opd_rb_cold`` — the same from the random student (no warm start);
+* ``opd_kl_to_go`` — OPD, ``kl_to_go`` estimator (iv), warm-started likewise;
 * ``per_token_reward`` — the per-token reverse KL as a reward, no future
   terms (biased);
 * ``gkd`` — TRL's GKD: generalised JSD(β = 0.5), on-policy fraction
@@ -31,16 +34,17 @@ The argument after the colon picks the method (default ``opd_rb``):
 
 from __future__ import annotations
 
-from latentdiv import distill
+from latentdiv import objectives
 
-METHODS = ("opd_rb", "opd_kl_to_go", "per_token_reward", "gkd", "seq_kd")
+METHODS = ("opd_rb", "opd_rb_cold", "opd_kl_to_go", "per_token_reward", "gkd", "seq_kd")
+WARM_START_STEPS = 100
 
 
 def get_config(method: str = "opd_rb"):
   """The distillation config of ``method`` (one of ``METHODS``)."""
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-  config = distill.distill_config()
+  config = objectives.base_config("distillation")
   config.task.name = "early_divergence"
   config.task.num_strategies = 3
   config.model.num_latents = 3
@@ -56,16 +60,18 @@ def get_config(method: str = "opd_rb"):
   config.optim.learning_rate = 3e-3
   config.optim.warmup_steps = 20
   config.optim.schedule = "constant"
-  d = config.distill
+  d = config.objective
   d.teacher_workdir = "workdir/default"
   d.teacher_latent = -1
   d.num_eval_samples = 256
-  if method == "opd_rb":
+  if method in ("opd_rb", "opd_rb_cold"):
     d.loss, d.estimator = "opd", "rao_blackwell"
   elif method == "opd_kl_to_go":
     d.loss, d.estimator = "opd", "kl_to_go"
   else:
     d.loss = method
+  if method in ("opd_rb", "opd_kl_to_go"):
+    d.warm_start, d.warm_start_steps = "seq_kd", WARM_START_STEPS
   d.gkd_beta = 0.5
   d.gkd_lambda = 0.5
   d.gkd_off_policy = "data"

@@ -1,4 +1,4 @@
-"""RAML vs maximum likelihood on the rewarded transduction task (DESIGN.md §8–9, seed 003).
+"""RAML vs maximum likelihood on the rewarded transduction task (DESIGN.md §8–9; Norouzi et al. 2016).
 
     python run.py --config=experiments/configs/raml.py --workdir=workdir/raml/ml
     python run.py --config=experiments/configs/raml.py:ls,0.1 --workdir=workdir/raml/ls_0.1
@@ -37,14 +37,14 @@ per-token substitution probability of the Hamming sampler is 0.04, 0.14 and
 
 from __future__ import annotations
 
-from latentdiv import config as config_lib
+from latentdiv import objectives
 
 ARM_KINDS = ("ml", "ls", "hamming", "edit")
 
 
 def get_config(arm: str = "ml"):
   """The config of one arm: ``"ml"``, ``"ls,EPS"``, ``"hamming,TAU"`` or ``"edit,TAU"``."""
-  config = config_lib.base_config()
+  config = objectives.base_config()
   config.task.name = "transduction"
   config.task.transform = "reverse"
   config.task.prompt_len = 12
@@ -61,12 +61,12 @@ def get_config(arm: str = "ml"):
   config.objective.reconstruction = "hard_em"  # With K = 1: maximum likelihood.
   config.objective.lambda_jsd = 0.0
   config.objective.jsd_prefix_len = 1
-  config.seq_pg.lambda_pg = 0.0
-  config.seq_pg.rollout_len = 1
+  config.objective.sequence_term.weight = 0.0
+  config.objective.sequence_term.rollout_len = 1
 
-  config.raml.convention = "rescaled"
-  config.raml.num_samples = 4
-  config.raml.tau = 0.8  # Also the τ of the summary's KL(q || p) for ML and LS arms.
+  config.objective.raml.convention = "rescaled"
+  config.objective.raml.num_samples = 4
+  config.objective.raml.tau = 0.8  # Also the τ of the summary's KL(q || p) for ML and LS arms.
 
   config.optim.learning_rate = 3e-3
   config.optim.schedule = "cosine"
@@ -103,9 +103,9 @@ def apply_arm(config, arm: str):
     config.objective.targets = "data"
   elif kind == "ls":
     config.objective.targets = "label_smoothing"
-    config.raml.epsilon = value
+    config.objective.raml.epsilon = value
   else:
     config.objective.targets = "raml"
-    config.raml.reward = kind
-    config.raml.tau = value
+    config.objective.raml.reward = kind
+    config.objective.raml.tau = value
   return config

@@ -1,4 +1,4 @@
-"""Seed-000 study, arm "+ token JSD": hard-EM − λ_jsd · Ĵ (uniform weights, all T tokens).
+"""Study "sequence-level KL vs token JSD", arm "+ token JSD": hard-EM − λ_jsd · Ĵ (uniform weights, all T tokens).
 
     python run.py --config=experiments/configs/research_jsd.py:early \
         --workdir=workdir/research/early/jsd/seed0 --config.seed=0

@@ -1,4 +1,4 @@
-"""Seed-000 study, arm "reconstruction only": hard-EM, no divergence term.
+"""Study "sequence-level KL vs token JSD", arm "reconstruction only": hard-EM, no divergence term.
 
     python run.py --config=experiments/configs/research_recon.py:early \
         --workdir=workdir/research/early/recon/seed0 --config.seed=0

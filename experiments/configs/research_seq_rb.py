@@ -1,7 +1,7 @@
-"""Seed-000 study, arm "+ seq_pg (rao_blackwell)": token JSD plus the sequence-level KL.
+"""Study "sequence-level KL vs token JSD", arm "+ sequence term (rao_blackwell)": token JSD plus the sequence-level KL.
 
-Loss: hard-EM − λ_jsd · Ĵ − w_pg(step) · D̂ with the Rao-Blackwellised estimator
-(DESIGN.md §5.3), no baseline; w_pg is 0 for 100 steps then ramps to λ_pg.
+Loss: hard-EM − λ_jsd · Ĵ − w_seq(step) · D̂ with the Rao-Blackwellised estimator
+(DESIGN.md §5.3), no baseline; w_seq is 0 for 100 steps then ramps to λ_seq.
 
     python run.py --config=experiments/configs/research_seq_rb.py:early \
         --workdir=workdir/research/early/seq_rb/seed0 --config.seed=0
@@ -16,4 +16,4 @@ from experiments.configs import research_common
 
 
 def get_config(task: str = "early"):
-  return research_common.with_seq_pg(research_common.base(task), "rao_blackwell")
+  return research_common.with_sequence_term(research_common.base(task), "rao_blackwell")

@@ -1,4 +1,4 @@
-"""A tiny config for process-level tests (tests/test_reliability.py): trains in seconds on CPU.
+"""A tiny config for process-level tests (tests/test_reliability.py, tests/test_workdir.py).
 
     python run.py --config=tests/configs/tiny.py --workdir=/tmp/tiny
 
@@ -8,11 +8,11 @@ an EMA baseline (so a resume must restore the RNG and the estimator state
 exactly), a constant learning rate and a checkpoint every 2 steps.
 """
 
-from latentdiv import config as config_lib
+from latentdiv import objectives
 
 
 def get_config():
-  config = config_lib.base_config()
+  config = objectives.base_config()
   config.task.name = "early_divergence"
   config.task.prompt_len = 2
   config.task.alphabet_size = 2
@@ -23,10 +23,10 @@ def get_config():
   config.model.num_layers = 1
   config.model.d_ff = 32
   config.objective.jsd_prefix_len = 1
-  config.seq_pg.lambda_pg = 0.1
-  config.seq_pg.estimator = "kl_to_go_baseline"
-  config.seq_pg.baseline = "ema"
-  config.seq_pg.rollout_len = 1
+  config.objective.sequence_term.weight = 0.1
+  config.objective.sequence_term.estimator = "kl_to_go_baseline"
+  config.objective.sequence_term.baseline = "ema"
+  config.objective.sequence_term.rollout_len = 1
   config.optim.schedule = "constant"
   config.optim.warmup_steps = 4
   config.optim.learning_rate = 1e-2

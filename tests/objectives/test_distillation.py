@@ -1,10 +1,10 @@
-"""Tests for latentdiv.distill: on-policy distillation towards a frozen teacher (DESIGN.md §6).
+"""Tests for latentdiv.objectives.distillation: on-policy distillation (DESIGN.md §6).
 
 * Exact enumeration (DESIGN.md §7) with the actual LatentTransformer as student
   and as (wider) teacher, V = 3 reserved + 2 content ids, L = 3, EOS
   truncation on: every OPD estimator is unbiased for ∇KL(π ‖ q), through
-  ``oracle.opd_gradient_moments`` and through ``distill.opd_loss`` itself (no
-  baseline, EMA, leave-one-out); the per-token reward is biased. The oracle's
+  ``oracle.opd_gradient_moments`` and through ``distillation.opd_loss`` itself
+  (no baseline, EMA, leave-one-out); the per-token reward is biased. The oracle's
   sums run in float64 on the models' (float32) logits, so "exact" means a
   relative error ≤ 1e-4; the bias detected is ≥ 5%.
 * The teacher receives no gradient from any loss, is not in the optimiser
@@ -33,15 +33,17 @@ import numpy as np
 import pytest
 
 from latentdiv import checkpointing
-from latentdiv import config as config_lib
-from latentdiv import distill
 from latentdiv import estimators as est
-from latentdiv import metrics as metrics_lib
+from latentdiv import experiment
+from latentdiv import logprobs
 from latentdiv import model as model_lib
+from latentdiv import objectives
 from latentdiv import oracle
 from latentdiv import sampling
 from latentdiv import train
 from latentdiv import vocab
+from latentdiv import workdir as workdir_lib
+from latentdiv.objectives import distillation
 
 V = vocab.NUM_RESERVED + 2  # PAD, BOS, EOS + 2 content ids.
 L = 3
@@ -87,7 +89,7 @@ def _logits_fn(model, latent):
   return fn
 
 
-# distill.opd_loss variants run through the oracle, (estimator, baseline): one
+# distillation.opd_loss variants run through the oracle, (estimator, baseline): one
 # response each, then N = 2 responses with the leave-one-out baseline.
 SINGLE_VARIANTS = tuple((e, "none") for e in est.ALL_ESTIMATORS) + tuple(
     (e, "ema") for e in est.BASELINED_ESTIMATORS)
@@ -96,7 +98,7 @@ EMA_L = (0.3, -0.2, 0.5)  # A fixed (sample-independent) per-position baseline.
 
 
 def _stacked_grads(s_fn, t_fn, s_params, t_params, variants):
-  """``(tokens_NxL, mask_NxL) -> pytree [E, ...]``: ∇ of distill.opd_loss for E variants.
+  """``(tokens_NxL, mask_NxL) -> pytree [E, ...]``: ∇ of distillation.opd_loss for E variants.
 
   One forward pass of each model and one reverse pass vmapped over the E
   losses (``jax.jacrev``), so the enumeration program holds the model once.
@@ -106,8 +108,8 @@ def _stacked_grads(s_fn, t_fn, s_params, t_params, variants):
     s = s_fn(p, tokens_NxL)[None]
     t = t_fn(t_params, tokens_NxL)[None]
     return jnp.stack([
-        distill.opd_loss(s, t, tokens_NxL[None], mask_NxL[None], e, b,
-                         jnp.asarray(EMA_L) if b == "ema" else None).loss
+        distillation.opd_loss(s, t, tokens_NxL[None], mask_NxL[None], e, b,
+                              jnp.asarray(EMA_L) if b == "ema" else None).loss
         for e, b in variants])
 
   return lambda tokens_NxL, mask_NxL: jax.jacrev(losses)(s_params, tokens_NxL, mask_NxL)
@@ -117,10 +119,10 @@ def _enumeration_report(s_fn, t_fn, s_params, t_params):
   """Relative errors ‖E[g] − ∇KL‖ / ‖∇KL‖ of the estimators, all in one program.
 
   Keys: ``oracle/per_token_reward`` (``oracle.opd_gradient_moments``, i.e.
-  ``estimators.opd_surrogate``), ``distill/EST/BASELINE`` (``distill.opd_loss``,
-  the loss the train step runs, with each baseline; leave-one-out over N = 2
-  responses enumerated in pairs); the exact KL,
-  P(EOS before L) and ‖∇KL‖.
+  ``estimators.opd_surrogate``), ``distillation/EST/BASELINE``
+  (``distillation.opd_loss``, the loss the train step runs, with each
+  baseline; leave-one-out over N = 2 responses enumerated in pairs); the exact
+  KL, P(EOS before L) and ‖∇KL‖.
   """
   kw = dict(eos_id=vocab.EOS, pad_id=vocab.PAD)
   exact = oracle.exact_opd_kl_grad(s_fn, s_params, t_fn, t_params, V, L, **kw)
@@ -134,11 +136,11 @@ def _enumeration_report(s_fn, t_fn, s_params, t_params):
   mean = oracle.estimator_moments(lambda y, m: single(y[None], m[None]), student_fn,
                                   s_params, 0, V, L, **kw).mean
   for i, (e, b) in enumerate(SINGLE_VARIANTS):
-    out[f"distill/{e}/{b}"] = err(jax.tree.map(lambda x, i=i: x[i], mean))
+    out[f"distillation/{e}/{b}"] = err(jax.tree.map(lambda x, i=i: x[i], mean))
   pair = _stacked_grads(s_fn, t_fn, s_params, t_params, PAIR_VARIANTS)
   mean = oracle.pair_estimator_moments(pair, student_fn, s_params, 0, V, L, **kw).mean
   for i, (e, b) in enumerate(PAIR_VARIANTS):
-    out[f"distill/{e}/{b}"] = err(jax.tree.map(lambda x, i=i: x[i], mean))
+    out[f"distillation/{e}/{b}"] = err(jax.tree.map(lambda x, i=i: x[i], mean))
   out["kl"] = oracle.exact_opd_kl(s_fn, s_params, t_fn, t_params, V, L, **kw)
   out["grad_norm"] = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(exact)))
   logp = oracle.exact_sequence_logprobs(student_fn, s_params, 0, V, L, **kw)
@@ -174,15 +176,15 @@ class ExactEnumerationTest(parameterized.TestCase):
     self.assertGreater(self.report["oracle/per_token_reward"], BIAS_MIN)
 
   @parameterized.parameters(*(SINGLE_VARIANTS + PAIR_VARIANTS))
-  def test_distill_opd_loss(self, estimator, baseline):
-    error = self.report[f"distill/{estimator}/{baseline}"]
+  def test_distillation_opd_loss(self, estimator, baseline):
+    error = self.report[f"distillation/{estimator}/{baseline}"]
     if estimator == est.PER_TOKEN_REWARD:
       self.assertGreater(error, BIAS_MIN)
     else:
       self.assertLess(error, EXACT_TOL)
 
   def test_both_routes_agree_on_the_bias(self):
-    self.assertAlmostEqual(self.report["distill/per_token_reward/none"],
+    self.assertAlmostEqual(self.report["distillation/per_token_reward/none"],
                            self.report["oracle/per_token_reward"], places=5)
 
 
@@ -210,7 +212,7 @@ class PureFunctionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_sequence_reverse_kl(self):
     s, t, tokens, mask = _random_inputs(0, (5, 4))
-    got = self.variant(distill.sequence_reverse_kl)(s, t, tokens, mask)
+    got = self.variant(distillation.sequence_reverse_kl)(s, t, tokens, mask)
     ls, lt = _np_log_softmax(s), _np_log_softmax(t)
     pick = lambda a: np.take_along_axis(a, tokens[..., None], -1)[..., 0]  # noqa: E731
     want = np.sum((pick(ls) - pick(lt)) * mask, axis=-1)
@@ -220,14 +222,14 @@ class PureFunctionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_seq_kd_loss(self):
     s, _, tokens, mask = _random_inputs(1, (6, 3))
-    got = self.variant(distill.seq_kd_loss)(s, tokens, mask)
+    got = self.variant(distillation.seq_kd_loss)(s, tokens, mask)
     logp = np.take_along_axis(_np_log_softmax(s), tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(got, -np.mean(np.sum(logp * mask, -1)), rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_reverse_kl_summary(self):
     r = np.random.default_rng(2).normal(size=(50, 3)).astype(np.float32)
-    got = self.variant(distill.reverse_kl_summary)(r)
+    got = self.variant(distillation.reverse_kl_summary)(r)
     m = r.mean(1)
     se = m.std(ddof=1) / np.sqrt(50)
     np.testing.assert_allclose(got["reverse_kl"], m.mean(), rtol=1e-5)
@@ -241,7 +243,8 @@ class PureFunctionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_opd_loss_values_and_leave_one_out_baseline(self):
     s, t, tokens, mask = _random_inputs(3, (2, 3, 4))  # G=2, N=3, L=4.
-    fn = self.variant(functools.partial(distill.opd_loss, estimator="reward_to_go_baseline",
+    fn = self.variant(functools.partial(distillation.opd_loss,
+                                        estimator="reward_to_go_baseline",
                                         baseline="leave_one_out"))
     out = fn(s, t, tokens, mask)
     ls, lt = _np_log_softmax(s), _np_log_softmax(t)
@@ -265,15 +268,15 @@ class PureFunctionTest(chex.TestCase):
   def test_opd_loss_rejects_bad_options(self):
     s, t, tokens, mask = _random_inputs(4, (1, 2, 3))
     with self.assertRaisesRegex(ValueError, "takes no baseline"):
-      distill.opd_loss(s, t, tokens, mask, "trajectory", "leave_one_out")
+      distillation.opd_loss(s, t, tokens, mask, "trajectory", "leave_one_out")
     with self.assertRaisesRegex(ValueError, "baseline must be one of"):
-      distill.opd_loss(s, t, tokens, mask, "rao_blackwell", "batch")
+      distillation.opd_loss(s, t, tokens, mask, "rao_blackwell", "batch")
     with self.assertRaisesRegex(ValueError, "ema_L"):
-      distill.opd_loss(s, t, tokens, mask, "rao_blackwell", "ema")
+      distillation.opd_loss(s, t, tokens, mask, "rao_blackwell", "ema")
     with self.assertRaisesRegex(ValueError, "Unknown estimator"):
-      distill.opd_loss(s, t, tokens, mask, "reinforce")
+      distillation.opd_loss(s, t, tokens, mask, "reinforce")
     with self.assertRaises(AssertionError):
-      distill.opd_loss(s[0], t[0], tokens[0], mask[0], "trajectory")
+      distillation.opd_loss(s[0], t[0], tokens[0], mask[0], "trajectory")
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +284,7 @@ class PureFunctionTest(chex.TestCase):
 
 
 def _teacher_config(alphabet_size=2, num_latents=2, prompt_len=2):
-  c = config_lib.base_config()
+  c = objectives.base_config()
   c.task.alphabet_size = alphabet_size
   c.task.num_strategies = 2
   c.task.prompt_len = prompt_len
@@ -290,7 +293,7 @@ def _teacher_config(alphabet_size=2, num_latents=2, prompt_len=2):
   c.model.num_heads = 4
   c.model.num_layers = 1
   c.model.d_ff = 32
-  c.seq_pg.rollout_len = 2
+  c.objective.sequence_term.rollout_len = 2
   c.objective.jsd_prefix_len = 2
   return c
 
@@ -298,14 +301,14 @@ def _teacher_config(alphabet_size=2, num_latents=2, prompt_len=2):
 def _write_teacher(workdir, unembed_scale=6.0, **kwargs):
   """A run.py-style teacher workdir: config.json and one checkpoint of a (sharpened) init."""
   cfg = _teacher_config(**kwargs)
-  setup = train.build(cfg)
-  state = jax.jit(lambda: train.init_state(setup))()
+  setup, objective = experiment.build(cfg)
+  state = jax.jit(lambda: train.init_state(setup, objective))()
   params = jax.tree.map(lambda a: a, state.params)
   params["unembed"]["kernel"] = unembed_scale * params["unembed"]["kernel"]
   state = state.replace(params=params)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(train._config_record(cfg), f)  # pylint: disable=protected-access
+    json.dump(workdir_lib.config_record(cfg), f)
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), 1, 1)
   checkpointing.save(manager, 7, state, dict(step=7), force=True)
   manager.wait_until_finished()
@@ -314,7 +317,7 @@ def _write_teacher(workdir, unembed_scale=6.0, **kwargs):
 
 
 def _student_config(teacher_workdir, **distill_fields):
-  c = distill.distill_config()
+  c = objectives.base_config("distillation")
   c.task.alphabet_size = 2
   c.task.num_strategies = 2
   c.task.prompt_len = 2
@@ -331,11 +334,11 @@ def _student_config(teacher_workdir, **distill_fields):
   c.optim.learning_rate = 1e-2
   c.optim.warmup_steps = 2
   c.optim.schedule = "constant"
-  c.distill.teacher_workdir = teacher_workdir
-  c.distill.teacher_latent = 1
-  c.distill.num_eval_samples = 128
+  c.objective.teacher_workdir = teacher_workdir
+  c.objective.teacher_latent = 1
+  c.objective.num_eval_samples = 128
   for name, value in distill_fields.items():
-    c.distill[name] = value
+    c.objective[name] = value
   return c
 
 
@@ -362,7 +365,7 @@ _TEACHER = {}  # One teacher workdir for the whole module (written in setUpModul
 
 
 def setUpModule():
-  root = tempfile.mkdtemp(prefix="test_distill_")
+  root = tempfile.mkdtemp(prefix="test_distillation_")
   _TEACHER["root"] = root
   _TEACHER["dir"] = os.path.join(root, "teacher")
   _TEACHER["params"] = _write_teacher(_TEACHER["dir"])
@@ -393,7 +396,7 @@ class ConfigAndMismatchTest(parameterized.TestCase):
     workdir = os.path.join(self.root, "mismatch_" + self._testMethodName)
     with _CountCompiles() as counter:
       with self.assertRaisesRegex(ValueError, pattern):
-        distill.train_and_evaluate(config, workdir)
+        experiment.train_and_evaluate(config, workdir)
     self.assertEqual(counter.count, 0)
     self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
 
@@ -401,68 +404,68 @@ class ConfigAndMismatchTest(parameterized.TestCase):
     config = _student_config(self.teacher_dir)
     config.model.num_latents = 2
     with self.assertRaisesRegex(ValueError, "num_latents must be 1"):
-      distill.build(config)
+      experiment.build(config)
 
   @parameterized.named_parameters(
-      ("loss", dict(loss="kd"), "config.distill.loss must be one of"),
-      ("estimator", dict(estimator="reinforce"), "config.distill.estimator must be one of"),
-      ("baseline", dict(baseline="mean"), "config.distill.baseline must be one of"),
-      ("baseline_needs_opd", dict(loss="gkd", baseline="ema"), "config.distill.baseline"),
+      ("loss", dict(loss="kd"), "config.objective.loss must be one of"),
+      ("estimator", dict(estimator="reinforce"), "config.objective.estimator must be one of"),
+      ("baseline", dict(baseline="mean"), "config.objective.baseline must be one of"),
+      ("baseline_needs_opd", dict(loss="gkd", baseline="ema"), "config.objective.baseline"),
       ("baseline_needs_estimator", dict(estimator="trajectory", baseline="ema"),
        "estimator that takes a baseline"),
       ("estimator_needs_baseline", dict(estimator="kl_to_go_baseline"), "needs a baseline"),
       ("loo_rollouts", dict(estimator="rao_blackwell", baseline="leave_one_out"),
        "num_rollouts must be >= 2"),
-      ("lambda", dict(gkd_lambda=1.5), r"config.distill.gkd_lambda must be in \[0, 1\]"),
-      ("beta", dict(gkd_beta=-0.1), r"config.distill.gkd_beta must be in \[0, 1\]"),
-      ("temperature", dict(temperature=0.0), "config.distill.temperature must be > 0"),
-      ("teacher_latent", dict(teacher_latent=-2), "config.distill.teacher_latent"),
-      ("workdir", dict(teacher_workdir=""), "config.distill.teacher_workdir"),
+      ("lambda", dict(gkd_lambda=1.5), r"config.objective.gkd_lambda must be in \[0, 1\]"),
+      ("beta", dict(gkd_beta=-0.1), r"config.objective.gkd_beta must be in \[0, 1\]"),
+      ("temperature", dict(temperature=0.0), "config.objective.temperature must be > 0"),
+      ("teacher_latent", dict(teacher_latent=-2), "config.objective.teacher_latent"),
+      ("workdir", dict(teacher_workdir=""), "config.objective.teacher_workdir"),
       ("missing_workdir", dict(teacher_workdir="/nonexistent/x"), "cannot read"),
-      ("response_len", dict(response_len=9), r"config.distill.response_len must be in"),
+      ("response_len", dict(response_len=9), r"config.objective.response_len must be in"),
       ("off_policy", dict(gkd_off_policy="student"), "gkd_off_policy must be one of"),
       ("unknown", dict(estimatr="kl_to_go"),
-       r"config.distill.estimatr is not a field.*config.distill.estimator\?"),
+       r"config.objective.estimatr is not a field.*config.objective.estimator\?"),
   )
   def test_invalid_fields_are_named(self, fields, pattern):
     config = _student_config(self.teacher_dir)
     for name, value in fields.items():
-      config.distill[name] = value
+      config.objective[name] = value
     with self.assertRaisesRegex(ValueError, pattern):
-      distill.build(config)
+      experiment.build(config)
 
   def test_teacher_gets_no_gradient(self):
     # Sampling is replaced by random responses (the rollouts carry no gradient
     # anyway), which keeps the programs small.
-    setups = {}
-    for loss in distill.LOSSES:
+    by_loss = {}
+    for loss in distillation.LOSSES:
       config = _student_config(self.teacher_dir, loss=loss, gkd_lambda=0.5,
                                gkd_off_policy="teacher")
       config.train.batch_size = 4
-      setups[loss] = distill.build(config)
-    setup = setups["opd"]
-    teacher_params = distill.load_teacher_params(setup)
-    params = jax.jit(functools.partial(model_lib.init_params, setup.student))(
+      _, by_loss[loss] = experiment.build(config)
+    setup = by_loss["opd"].setup
+    teacher_params = by_loss["opd"].frozen()
+    params = jax.jit(functools.partial(model_lib.init_params, setup.model))(
         jax.random.PRNGKey(0))
     batch = setup.task.sample(jax.random.PRNGKey(1), 4)
 
     def fake_sample(model, params, prompt, latent, key, length, temperature=1.0):
       del model, params, latent, temperature
       tokens = jax.random.randint(key, (prompt.shape[0], length), vocab.EOS, V)
-      mask = metrics_lib.mask_through_eos(tokens)
+      mask = logprobs.mask_through_eos(tokens)
       tokens = jnp.where(mask, tokens, vocab.PAD)
       return sampling.Rollout(tokens, jnp.zeros(tokens.shape), mask)
 
-    def teacher_grad(setup):
+    def teacher_grad(objective):
       # Only the teacher's gradient: with the teacher stop-gradiented, autodiff
       # returns zeros that depend on nothing and the program is trivial.
-      fn = lambda tp: distill.distill_loss(setup, params, tp, batch,  # noqa: E731
-                                           jax.random.PRNGKey(2), {})[0]
+      fn = lambda tp: objective.loss(params, tp, {}, batch, jax.random.PRNGKey(2),  # noqa: E731
+                                     jnp.zeros((), jnp.int32))[0]
       return jax.jit(jax.grad(fn))(teacher_params)
 
-    with mock.patch.object(distill.sampling, "sample", fake_sample):
-      for loss, s in setups.items():
-        for leaf in jax.tree.leaves(teacher_grad(s)):
+    with mock.patch.object(distillation.sampling, "sample", fake_sample):
+      for loss, objective in by_loss.items():
+        for leaf in jax.tree.leaves(teacher_grad(objective)):
           np.testing.assert_array_equal(leaf, 0.0, err_msg=loss)
 
 
@@ -472,7 +475,7 @@ class DistillRunTest(absltest.TestCase):
     teacher_dir, original = _TEACHER["dir"], _TEACHER["params"]
     config = _student_config(teacher_dir, loss="opd", estimator="rao_blackwell")
     workdir = os.path.join(self.create_tempdir().full_path, "student")
-    summary = distill.train_and_evaluate(config, workdir)
+    summary = experiment.train_and_evaluate(config, workdir)
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       log = [json.loads(line) for line in f]
@@ -485,7 +488,7 @@ class DistillRunTest(absltest.TestCase):
     self.assertEqual(summary["steps"], 40)
     for key in ("reverse_kl", "reverse_kl_stderr", "reverse_kl_ci_low", "reverse_kl_ci_high",
                 "token_kl", "token_forward_kl", "validity", "teacher_validity",
-                "seconds_per_step"):
+                "response_len", "seconds_per_step"):
       self.assertIn(key, summary)
     self.assertLen(summary["validity"], 1)
     self.assertLessEqual(summary["reverse_kl_ci_low"], summary["reverse_kl"])
@@ -493,11 +496,11 @@ class DistillRunTest(absltest.TestCase):
       self.assertEqual(json.load(f)["steps"], 40)
 
     # The teacher's checkpoint is unchanged and is not part of the student's state.
-    setup = distill.build(config)
-    chex.assert_trees_all_equal(distill.load_teacher_params(setup), original)
+    setup, objective = experiment.build(config)
+    chex.assert_trees_all_equal(objective.frozen(), original)
     self.assertEqual(sorted(os.listdir(os.path.join(teacher_dir, "checkpoints"))), ["7"])
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), 3, 20)
-    abstract = jax.eval_shape(lambda: distill.init_state(setup))
+    abstract = jax.eval_shape(lambda: train.init_state(setup, objective))
     restored, _, step = checkpointing.restore_latest(manager, abstract)
     manager.close()
     self.assertEqual(step, 40)
@@ -510,23 +513,25 @@ class DistillRunTest(absltest.TestCase):
     # Besides Adam's two moments of the student, the optimiser state holds only scalars.
     arrays = [x for x in jax.tree.leaves(restored.opt_state) if np.ndim(x) > 0]
     self.assertLen(arrays, 2 * n_student)
-    initial = distill.init_state(setup).params
+    initial = train.init_state(setup, objective).params
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), restored.params, initial)
     self.assertTrue(all(jax.tree.leaves(changed)))
 
     # Resuming this workdir with another method is refused (before compiling).
-    config.distill.loss = "seq_kd"
-    with self.assertRaisesRegex(train.ConfigMismatchError, "distill.loss: 'opd' -> 'seq_kd'"):
-      distill.train_and_evaluate(config, workdir)
+    config.objective.loss = "seq_kd"
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
+                                "objective.loss: 'opd' -> 'seq_kd'"):
+      experiment.train_and_evaluate(config, workdir)
 
   def test_row_latents(self):
-    setup = distill.build(_student_config(_TEACHER["dir"]))
-    student, teacher = distill.row_latents(setup, 2, 3)
+    _, objective = experiment.build(_student_config(_TEACHER["dir"]))
+    student, teacher = objective.row_latents(2, 3)
     np.testing.assert_array_equal(student, np.zeros(6))
     np.testing.assert_array_equal(teacher, np.ones(6))  # the fixed teacher latent 1.
     config = _student_config(_TEACHER["dir"], teacher_latent=-1)
     config.model.num_latents = 2
-    student, teacher = distill.row_latents(distill.build(config), 2, 3)
+    _, objective = experiment.build(config)
+    student, teacher = objective.row_latents(2, 3)
     want = np.array([0, 0, 0, 1, 1, 1] * 2)  # (prompt, latent, rollout) order.
     np.testing.assert_array_equal(student, want)
     np.testing.assert_array_equal(teacher, want)
@@ -542,15 +547,15 @@ class DistillRunTest(absltest.TestCase):
       config = _student_config(_TEACHER["dir"], loss=loss, teacher_latent=-1, **extra)
       config.model.num_latents = 2
       config.train.num_steps = 20
-      straight = distill.train_and_evaluate(config, os.path.join(root, f"run{i}"))
+      straight = experiment.train_and_evaluate(config, os.path.join(root, f"run{i}"))
       self.assertLess(straight["reverse_kl"], _first_eval(root, f"run{i}"))
       self.assertLen(straight["validity"], 2)
     # Stopping at step 10 and resuming gives the run that never stopped (the
     # last config: OPD, leave-one-out, two rollouts).
     config.train.num_steps = 10
-    distill.train_and_evaluate(config, os.path.join(root, "resumed"))
+    experiment.train_and_evaluate(config, os.path.join(root, "resumed"))
     config.train.num_steps = 20
-    resumed = distill.train_and_evaluate(config, os.path.join(root, "resumed"))
+    resumed = experiment.train_and_evaluate(config, os.path.join(root, "resumed"))
     for key in ("reverse_kl", "token_kl", "validity"):
       np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-5)
 

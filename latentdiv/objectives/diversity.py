@@ -1,0 +1,386 @@
+"""The latent-diversity objective: reconstruction, token JSD and the sequence-level term.
+
+For a batch of data ``(x, y*)`` and the K latents of ``p_θ(y | x, z)``::
+
+    loss = L_rec − λ_jsd · Ĵ − w_seq(step) · D̂_seq          (DESIGN.md §3–5)
+
+* ``L_rec`` — hard-EM or soft-EM over the K per-latent log-likelihood terms
+  (``latentdiv.reconstruction``). What they score is ``objective.targets``
+  (DESIGN.md §3, §8): the data y* (maximum likelihood), token-level
+  label-smoothed targets, or RAML samples ``y ~ q(y | y*; τ)`` drawn inside the
+  jitted step (``latentdiv.raml``).
+* ``Ĵ`` — the token-weighted JSD between the K latents' next-token
+  distributions under teacher forcing on y* (``divergences.token_jsd``).
+* ``D̂_seq`` — the sequence-level inter-latent KL from prefix rollouts,
+  maximised with a policy-gradient estimator (``latentdiv.sequence_term``),
+  weighted 0 for ``warmup_steps`` and ramped linearly to its weight.
+
+Evaluation samples one output per (example, latent) on a fixed evaluation
+batch and reports strategy coverage, validity per latent, latent↔strategy
+NMI, usage, the Monte-Carlo sequence KL between latents, token JSD, NLL, and
+the transduction metrics (greedy exact match, edit distance, KL(q ‖ p)).
+
+Config: ``config.objective`` with ``name = 'diversity'`` (:func:`default_config`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from latentdiv import baselines
+from latentdiv import config as config_lib
+from latentdiv import divergences
+from latentdiv import estimators
+from latentdiv import logprobs
+from latentdiv import metrics as metrics_lib
+from latentdiv import model as model_lib
+from latentdiv import payoff
+from latentdiv import edits
+from latentdiv import raml
+from latentdiv import reconstruction
+from latentdiv import sampling
+from latentdiv import sequence_term
+from latentdiv import sharding
+from latentdiv import train
+from latentdiv import vocab
+
+TARGETS = ("data", "label_smoothing", "raml")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The ``objective`` section of the diversity objective, with its defaults."""
+  o = ml_collections.ConfigDict()
+  o.name = "diversity"
+  o.reconstruction = "hard_em"  # one of reconstruction.RECONSTRUCTION_KINDS.
+  o.lambda_jsd = 0.1
+  o.jsd_weighting = "uniform"  # one of divergences.WEIGHTINGS.
+  o.jsd_prefix_len = 4  # the 'prefix' weighting's L.
+  # The 'divergence' weighting's softmax temperature over positions (not a
+  # temperature of the model's logits).
+  o.jsd_weight_temperature = 0.1
+  # What the reconstruction term scores: the data y* ('data', maximum likelihood),
+  # token-level label-smoothed targets, or RAML samples y ~ q(y | y*; tau) (DESIGN §8).
+  o.targets = "data"
+
+  # Label smoothing and RAML (used when targets is one of them).
+  o.raml = ml_collections.ConfigDict()
+  o.raml.epsilon = 0.1  # label smoothing weight of the uniform prior over content tokens.
+  o.raml.tau = 0.8  # payoff temperature.
+  o.raml.convention = "rescaled"  # 'rescaled' is what the paper's tau values mean.
+  o.raml.reward = "hamming"  # 'hamming' (exact sampler) or 'edit' (approximate).
+  o.raml.num_samples = 4  # N samples per example, drawn inside the jitted step.
+
+  # The sequence-level term (DESIGN §5); off when weight = 0.
+  s = o.sequence_term = ml_collections.ConfigDict()
+  s.weight = 0.0
+  s.kind = "kl"  # one of sequence_term.KINDS.
+  s.estimator = "rao_blackwell"  # one of estimators.ESTIMATORS.
+  s.baseline = "none"  # one of baselines.BASELINES.
+  s.rollout_len = 4  # L
+  s.num_rollouts = 1  # N per (example, latent); leave_one_out needs N >= 2.
+  s.num_pairs = 0  # ordered pairs per example; 0 = all K(K-1).
+  s.warmup_steps = 0
+  s.ramp_steps = 0
+  s.ema_decay = 0.9  # for the 'ema' baseline and the JSD control-variate fit.
+  return o
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks ``config.objective`` (and its cross-field constraints with ``config.model``).
+
+  Raises:
+    ValueError: naming the first invalid field, its value and what is allowed.
+  """
+  for path in ("objective.jsd_prefix_len", "objective.raml.num_samples",
+               "objective.sequence_term.rollout_len", "objective.sequence_term.num_rollouts"):
+    config_lib.positive_int(config, path)
+  for path in ("objective.lambda_jsd", "objective.sequence_term.weight"):
+    config_lib.non_negative(config, path)
+  for path in ("objective.sequence_term.warmup_steps", "objective.sequence_term.ramp_steps",
+               "objective.sequence_term.num_pairs"):
+    config_lib.non_negative(config, path, kind=int)
+  config_lib.one_of(config, "objective.reconstruction", reconstruction.RECONSTRUCTION_KINDS)
+  config_lib.one_of(config, "objective.jsd_weighting", divergences.WEIGHTINGS)
+  config_lib.one_of(config, "objective.targets", TARGETS)
+  config_lib.one_of(config, "objective.raml.convention", raml.CONVENTIONS)
+  config_lib.one_of(config, "objective.raml.reward", raml.REWARDS)
+  config_lib.one_of(config, "objective.sequence_term.kind", sequence_term.KINDS)
+  config_lib.one_of(config, "objective.sequence_term.estimator", estimators.ESTIMATORS)
+  config_lib.one_of(config, "objective.sequence_term.baseline", baselines.BASELINES)
+  config_lib.in_range(config, "objective.raml.epsilon", 0, 1)
+  config_lib.finite_number(config, "objective.raml.tau")
+  if not config.objective.raml.tau > 0:
+    raise ValueError(f"config.objective.raml.tau must be > 0, got {config.objective.raml.tau!r}.")
+  config_lib.finite_number(config, "objective.jsd_weight_temperature")
+  if not config.objective.jsd_weight_temperature > 0:
+    raise ValueError("config.objective.jsd_weight_temperature must be > 0, got "
+                     f"{config.objective.jsd_weight_temperature!r}.")
+  config_lib.in_range(config, "objective.sequence_term.ema_decay", 0, 1, closed_high=False)
+  o, s = config.objective, config.objective.sequence_term
+  k = config.model.num_latents
+  if k < 2 and (o.lambda_jsd > 0 or s.weight > 0):
+    raise ValueError(
+        f"config.model.num_latents (K) must be >= 2 when a divergence term is on "
+        f"(objective.lambda_jsd > 0 or objective.sequence_term.weight > 0), got {k}.")
+  if s.num_pairs > k * (k - 1):
+    raise ValueError(
+        f"config.objective.sequence_term.num_pairs must be in [0, K(K-1) = {k * (k - 1)}], "
+        f"got {s.num_pairs}.")
+  if s.baseline == "leave_one_out" and s.num_rollouts < 2:
+    raise ValueError(
+        "config.objective.sequence_term.num_rollouts must be >= 2 with baseline "
+        f"'leave_one_out', got {s.num_rollouts}.")
+  if s.baseline != "none" and s.estimator not in estimators.BASELINED_ESTIMATORS:
+    raise ValueError(
+        f"config.objective.sequence_term.baseline={s.baseline!r} needs an estimator that "
+        f"takes a baseline: config.objective.sequence_term.estimator must be one of "
+        f"{estimators.BASELINED_ESTIMATORS}, got {s.estimator!r}.")
+  if s.estimator.endswith("_baseline") and s.baseline == "none":
+    raise ValueError(
+        f"config.objective.sequence_term.estimator={s.estimator!r} needs a baseline: "
+        f"config.objective.sequence_term.baseline must be one of {baselines.BASELINES[1:]}, "
+        "got 'none'.")
+
+
+def _loglik_BxK(logits_BxKxTxV, target_BxT, mask_BxT):
+  return jax.vmap(jax.vmap(logprobs.sequence_log_likelihood, (0, None, None)))(
+      logits_BxKxTxV, target_BxT, mask_BxT)
+
+
+class Diversity(train.Objective):
+  """Reconstruction − λ_jsd · token JSD − w_seq · sequence-level KL (DESIGN.md §3–5)."""
+
+  name = "diversity"
+  structural_fields = ("objective.sequence_term.baseline", "objective.sequence_term.rollout_len")
+  default_config = staticmethod(default_config)
+  validate = staticmethod(validate)
+
+  def __init__(self, setup: train.Setup):
+    super().__init__(setup)
+    t_len = setup.task.target_len
+    o = self.config.objective
+    for path, value in (("objective.sequence_term.rollout_len", o.sequence_term.rollout_len),
+                        ("objective.jsd_prefix_len", o.jsd_prefix_len)):
+      if value > t_len:
+        raise ValueError(f"config.{path} must be in [1, {t_len}] (the task's target "
+                         f"length), got {value}.")
+    s = o.sequence_term
+    self.use_sequence_term = s.weight > 0
+    self.settings = sequence_term.Settings(
+        estimator=s.estimator, baseline=s.baseline, rollout_len=s.rollout_len,
+        num_rollouts=s.num_rollouts, num_pairs=s.num_pairs, ema_decay=s.ema_decay,
+        kind=s.kind)
+
+  @classmethod
+  def structure(cls, record: dict) -> dict:
+    # Only whether the term is on changes the state (its estimator state).
+    weight = record.get("objective", {}).get("sequence_term", {}).get("weight")
+    return dict(super().structure(record),
+                **{"objective.sequence_term.weight > 0": weight is not None and weight > 0})
+
+  def content_alphabet(self) -> tuple[int, int]:
+    """The id range ``[lo, hi)`` of content tokens (what RAML samplers may write)."""
+    return vocab.FIRST_CONTENT, self.setup.task.vocab_size
+
+  def latent_logits(self, params, prompt_BxP, target_BxT) -> jax.Array:
+    """Teacher-forced logits of every latent, [B, K, T, V], in one pass vmapped over K."""
+    batch = prompt_BxP.shape[0]
+    model = self.setup.model
+
+    def one(latent):
+      return model_lib.teacher_forced_logits(model, params, prompt_BxP, target_BxT,
+                                             jnp.full((batch,), latent, jnp.int32))
+
+    return jax.vmap(one, out_axes=1)(jnp.arange(model.config.num_latents))
+
+  def reconstruction_loglik(self, params, batch, logits_BxKxTxV, key) -> jax.Array:
+    """The [B, K] per-latent log-likelihood terms the reconstruction loss is built from.
+
+    ``objective.targets`` chooses what they score (DESIGN.md §3, §8):
+    ``data``: ``log p_k(y* | x)``; ``label_smoothing``:
+    ``−CE((1−ε)·onehot(y*) + ε·π, p_k)`` summed over tokens; ``raml``:
+    ``(1/N) Σ_n log p_k(y⁽ⁿ⁾ | x)`` with ``y⁽ⁿ⁾ ~ q(· | y*; τ)`` drawn here.
+    """
+    o, r = self.config.objective, self.config.objective.raml
+    if o.targets == "data" or key is None:
+      return _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
+    if o.targets == "label_smoothing":
+      smoothed = functools.partial(raml.label_smoothing_loss, epsilon=r.epsilon,
+                                   prior="uniform", alphabet=self.content_alphabet())
+      return -jax.vmap(jax.vmap(smoothed, (0, None, None)))(
+          logits_BxKxTxV, batch.target, batch.target_mask)
+    samples = raml.sample_raml_targets(
+        key, batch.target, logprobs.content_mask(batch.target), r.num_samples,
+        self.content_alphabet(), r.tau, r.convention, reward=r.reward).tokens  # [B, N, T]
+    batch_size, num_samples, t_len = samples.shape
+    flat = samples.reshape(batch_size * num_samples, t_len)
+    logits = self.latent_logits(params, jnp.repeat(batch.prompt, num_samples, axis=0), flat)
+    loglik = _loglik_BxK(logits, flat, logprobs.output_mask(flat))
+    return jnp.mean(loglik.reshape(batch_size, num_samples, -1), axis=1)
+
+  def teacher_forced_terms(self, params, batch, key=None):
+    """Reconstruction and token-JSD terms on a batch (DESIGN.md §3–4, §8).
+
+    Returns:
+      (data logits [B, K, T, V], ``ReconstructionOutput``, ``TokenJSD``
+      batched, NLL per token of the best latent on the data).
+    """
+    o = self.config.objective
+    logits_BxKxTxV = self.latent_logits(params, batch.prompt, batch.target)
+    data_loglik = _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
+    loglik_BxK = (data_loglik if o.targets == "data" or key is None
+                  else self.reconstruction_loglik(params, batch, logits_BxKxTxV, key))
+    rec = reconstruction.reconstruction_loss(o.reconstruction, loglik_BxK)
+    # jsd_prefix_len belongs to the 'prefix' weighting only ('uniform' is over
+    # all valid tokens).
+    prefix_len = o.jsd_prefix_len if o.jsd_weighting == "prefix" else None
+    jsd_fn = functools.partial(divergences.token_jsd, weighting=o.jsd_weighting,
+                               prefix_len=prefix_len,
+                               weight_temperature=o.jsd_weight_temperature)
+    jsd = jax.vmap(jsd_fn)(logits_BxKxTxV, batch.target_mask)
+    num_tokens = jnp.maximum(jnp.sum(batch.target_mask), 1)
+    best_nll = -jnp.sum(jnp.max(data_loglik, axis=1)) / num_tokens
+    return logits_BxKxTxV, rec, jsd, best_nll
+
+  def init_extra(self) -> dict:
+    return sequence_term.init_state(self.settings) if self.use_sequence_term else {}
+
+  def loss(self, params, frozen, extra, batch, key, step):
+    o = self.config.objective
+    raml_key, key = jax.random.split(key)
+    logits, rec, jsd, best_nll = self.teacher_forced_terms(params, batch, raml_key)
+    token_jsd = jnp.mean(jsd.value)
+    loss = rec.loss - o.lambda_jsd * token_jsd
+    aux = dict(rec_loss=rec.loss, token_jsd=token_jsd, nll_per_token=best_nll,
+               **{f"usage/{k}": u for k, u in enumerate(rec.usage)})
+    new_extra = extra
+    if self.use_sequence_term:
+      s = o.sequence_term
+      weight = sequence_term.weight_at(step, s.weight, s.warmup_steps, s.ramp_steps)
+      term = sequence_term.sequence_term(
+          self.setup.model, params, batch.prompt, key, extra, self.settings,
+          jax.lax.stop_gradient(logits), batch.target_mask)
+      loss = loss + weight * term.surrogate
+      aux.update(term.metrics, seq_weight=weight)
+      new_extra = term.extra
+    return loss, (aux, new_extra)
+
+  def make_evaluate(self, mesh=None):
+    """The jitted ``evaluate(params, frozen) -> metrics`` on a fixed evaluation batch.
+
+    Samples one output per (example, latent) at temperature 1 (or greedily with
+    ``config.eval.greedy``), matches them against the hidden strategies' valid
+    outputs, and scores the teacher-forced terms on the batch.
+    """
+    config, task, model = self.config, self.setup.task, self.setup.model
+    ekey = train.eval_key(config)
+    eval_batch = task.sample(ekey, config.eval.batch_size)
+    num_latents = model.config.num_latents
+    r = config.objective.raml
+
+    @jax.jit
+    def evaluate(params, batch, eval_key):
+      if mesh is not None:
+        batch = sharding.constrain_batch(batch, mesh)
+      rollout = sampling.sample_latents(model, params, batch.prompt,
+                                        jax.random.fold_in(eval_key, 1), task.target_len,
+                                        greedy=config.eval.greedy)
+      matches = metrics_lib.match_strategies(rollout.tokens, batch.valid_outputs)
+      coverage = metrics_lib.strategy_coverage(matches, task.num_strategies)
+      _, rec, jsd, best_nll = self.teacher_forced_terms(params, batch)
+      # Monte-Carlo sequence KL between latents on the samples (DESIGN §9).
+      logits = sampling.score_latents(model, params, batch.prompt, rollout.tokens)
+      tokens = jnp.broadcast_to(rollout.tokens[:, :, None], logits.shape[:-1])
+      kl = metrics_lib.mc_sequence_kl(logprobs.token_log_probs(logits, tokens), rollout.mask)
+      # Transduction metrics (DESIGN §9): greedy decodes of the best latent on the data.
+      greedy = sampling.sample_latents(model, params, batch.prompt, eval_key,
+                                       task.target_len, greedy=True)
+      decoded = jnp.take_along_axis(greedy.tokens, rec.winners[:, None, None], axis=1)[:, 0]
+      content_len = lambda y: jnp.sum(logprobs.content_mask(y))  # noqa: E731
+      distance = jax.vmap(
+          lambda a, b: edits.edit_distance(a, content_len(a), b, content_len(b)))(
+              decoded, batch.target)
+      # KL(q || p) of the payoff distribution to the model (RAML's distillation view).
+      editable = logprobs.content_mask(batch.target)
+      alphabet = self.content_alphabet()
+      q_samples = raml.sample_raml_targets(jax.random.fold_in(eval_key, 2), batch.target,
+                                           editable, 4, alphabet, r.tau, r.convention).tokens
+      log_q = jax.vmap(jax.vmap(payoff.hamming_log_prob, (0, None, None, None, None, None)),
+                       (0, 0, 0, None, None, None))(q_samples, batch.target, editable,
+                                                    alphabet, r.tau, r.convention)
+      n = q_samples.shape[1]
+      q_flat = q_samples.reshape((-1, q_samples.shape[-1]))
+      q_logits = model_lib.teacher_forced_logits(
+          model, params, jnp.repeat(batch.prompt, n, axis=0), q_flat,
+          jnp.repeat(rec.winners, n, axis=0))
+      log_p = jax.vmap(logprobs.sequence_log_likelihood)(
+          q_logits, q_flat, logprobs.output_mask(q_flat)).reshape(log_q.shape)
+      return dict(
+          exact_match=jnp.mean(metrics_lib.exact_match(decoded, batch.target)),
+          edit_distance=jnp.mean(distance),
+          kl_payoff_to_model=jnp.mean(log_q - log_p),
+          validity=metrics_lib.per_latent_validity(matches),
+          coverage=coverage.coverage,
+          assignment=coverage.assignment,
+          nmi=metrics_lib.latent_strategy_nmi(matches, task.num_strategies),
+          confusion=metrics_lib.confusion(matches, task.num_strategies),
+          latent_usage=metrics_lib.latent_usage(rec.winners, num_latents),
+          token_jsd=jnp.mean(jsd.value),
+          nll=best_nll,
+          seq_kl=kl.mean,
+          seq_kl_stderr=kl.stderr,
+          samples=rollout.tokens[:4],
+      )
+
+    bound = train.BoundJit(evaluate, eval_batch, ekey)
+
+    def run(params, frozen=()):  # pylint: disable=unused-argument
+      return bound(params)
+
+    run.eval_batch, run.bound = eval_batch, bound
+    return run
+
+  def train_line(self, aux):
+    line = f"loss {aux['loss']:.4f}  rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}"
+    if "seq_kl" in aux:
+      line += f"  seq_kl {aux['seq_kl']:.3f}"
+    return line
+
+  def eval_line(self, result):
+    return (f"coverage {result['coverage']:.2f}  validity "
+            f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
+            f"usage {[round(v, 2) for v in result['latent_usage']]}")
+
+  def summary(self, state, result, seconds_per_step):
+    # (The step time stays out of this summary: equal runs have equal summaries.)
+    keys = ("coverage", "validity", "latent_usage", "nmi", "token_jsd", "nll", "seq_kl",
+            "seq_kl_stderr", "assignment", "confusion", "exact_match", "edit_distance",
+            "kl_payoff_to_model")
+    return dict(steps=int(state.step), nonfinite_steps=int(state.nonfinite_total),
+                task=self.config.task.name, **{k: result[k] for k in keys})
+
+  @classmethod
+  def format_summary(cls, summary: dict) -> str:
+    lines = [
+        f"Finished {summary['steps']} steps on '{summary['task']}'.",
+        f"  strategy coverage : {summary['coverage']:.2f}",
+        "  validity per latent: " + ", ".join(f"{v:.1%}" for v in summary["validity"]),
+        "  latent -> strategy : " + ", ".join(
+            f"z={k}->s={s}" if s >= 0 else f"z={k}->none"
+            for k, s in enumerate(summary["assignment"])),
+        "  latent usage       : " + ", ".join(f"{u:.2f}" for u in summary["latent_usage"]),
+        f"  latent/strategy NMI: {summary['nmi']:.3f}",
+        f"  sequence KL between latents (MC): {summary['seq_kl']:.3f} "
+        f"± {summary['seq_kl_stderr']:.3f}",
+        f"  token JSD: {summary['token_jsd']:.4f}   NLL/token: {summary['nll']:.4f}",
+    ]
+    if summary["task"] == "transduction":
+      lines.append(f"  greedy exact match: {summary['exact_match']:.1%}   mean edit "
+                   f"distance: {summary['edit_distance']:.3f}   KL(q || p): "
+                   f"{summary['kl_payoff_to_model']:.3f}")
+    return "\n".join(lines)
+
