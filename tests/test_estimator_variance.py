@@ -35,6 +35,7 @@ if ROOT not in sys.path:
 from experiments import estimator_variance as ev  # noqa: E402
 from latentdiv import checkpointing  # noqa: E402
 from latentdiv import estimators as est  # noqa: E402
+from latentdiv import moments as moments_lib  # noqa: E402
 from latentdiv import oracle  # noqa: E402
 from latentdiv import train  # noqa: E402
 from latentdiv import vocab  # noqa: E402
@@ -248,7 +249,7 @@ class ExactModeTest(parameterized.TestCase):
     c = _index(combos, "rao_blackwell")
     with jax.enable_x64(True):
       logits_fn = ev.make_logits_fn(model, batch.prompt[b])
-      moments = jax.jit(lambda p: oracle.estimator_gradient_moments(
+      moments = jax.jit(lambda p: moments_lib.estimator_gradient_moments(
           logits_fn, p, i, j, "rao_blackwell", model.config.vocab_size, LENGTH,
           eos_id=vocab.EOS, pad_id=vocab.PAD))(params)
       # The oracle's surrogate is a loss: its mean is −∇D.
