@@ -20,8 +20,9 @@ the target distribution q at the visited contexts ``c_t = (x, y_<t)``::
     r_t  = log p(y_t|c_t) − log q(y_t|c_t)                  (sampled token)
     KL_t = Σ_v p(v|c_t) (log p(v|c_t) − log q(v|c_t))       (exact over V)
 
-The per-token coefficients ``A_t = R_t − b_t`` (DESIGN.md §5.3, Theorem 1 there,
-plus Rao-Blackwellisation) are:
+The per-token coefficients ``A_t = R_t − b_t`` (DESIGN.md §5.3; ``rao_blackwell``
+replaces the sampled current-step and pathwise terms by their conditional
+expectations given c_t, Rao 1945 / Blackwell 1947) are:
 
 ==========================  ==============================================
 name                        A_t
