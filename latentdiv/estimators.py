@@ -1,26 +1,28 @@
 """Policy-gradient estimators of the gradient of a sequence-level KL.
 
-Everything here is written for ONE sequence of ``L`` positions and batched by
-the caller with ``jax.vmap`` (rlax style). Two uses share the code:
+One primitive, :func:`policy_gradient`, serves every caller (the inter-latent
+KL of DESIGN.md §5, on-policy distillation of §6, the oracle of §7 and the
+diagnostics). For ``D = KL(p(y) ‖ q(y))`` on rollouts ``y ~ p`` it runs the
+pipeline
 
-* **inter-latent KL** (DESIGN.md §5): ``D_ij = KL(p_i(y|x) ‖ p_j(y|x))`` on a
-  rollout ``y ~ p_i``; both distributions depend on θ and D_ij is MAXIMISED.
-  :func:`sequence_kl_surrogate` is a loss (to minimise) whose gradient is an
-  unbiased estimate of ``−∇D_ij``.
-* **on-policy distillation** (DESIGN.md §6): ``KL(π_θ ‖ q)`` with a frozen
-  teacher q, MINIMISED. :func:`opd_surrogate` is a loss (to minimise) whose
-  gradient is an unbiased estimate of ``+∇KL(π_θ ‖ q)``. It takes logits and
-  stops the teacher's gradient itself, so the sign and the frozen teacher
-  cannot be got wrong by the caller.
+    per-token terms → r_t → returns R_t → baseline b_t → surrogate
 
-Notation (DESIGN.md §2, §5.3), for the scored ("score") distribution p and the
-target distribution q at the visited contexts ``c_t = (x, y_<t)``::
+and returns a LOSS per rollout whose gradient is an unbiased estimate of
+``+∇D`` (REINFORCE, Williams 1992, with the coefficients below). The maths is
+written for ONE sequence of ``L`` positions and batched with ``jax.vmap``
+(rlax style). The inter-latent objective, which MAXIMISES D, minimises
+``−mean(loss)``; OPD, which minimises ``KL(π_θ ‖ q)``, minimises
+``mean(loss)`` on terms of a stop-gradiented teacher.
+
+Notation (DESIGN.md §2, §5.3), for the sampling ("score") distribution p and
+the target distribution q at the visited contexts ``c_t = (x, y_<t)``::
 
     r_t  = log p(y_t|c_t) − log q(y_t|c_t)                  (sampled token)
     KL_t = Σ_v p(v|c_t) (log p(v|c_t) − log q(v|c_t))       (exact over V)
 
-The per-token coefficients ``A_t`` (Theorem 1 of seed 002, plus
-Rao-Blackwellisation) are:
+The per-token coefficients ``A_t = R_t − b_t`` (DESIGN.md §5.3; ``rao_blackwell``
+replaces the sampled current-step and pathwise terms by their conditional
+expectations given c_t, Rao 1945 / Blackwell 1947) are:
 
 ==========================  ==============================================
 name                        A_t
@@ -34,10 +36,10 @@ name                        A_t
 ``per_token_reward``        r_t   — BIASED, kept only as a comparison
 ==========================  ==============================================
 
-A baseline ``b(c_t)`` may depend on x and y_<t (and on anything independent of
-the rollout, e.g. other rollouts or an EMA) but NEVER on y_t or later tokens of
-the same rollout; otherwise the estimator is biased (the oracle in
-``latentdiv/oracle.py`` detects it).
+A baseline ``b(c_t)`` (``latentdiv/baselines.py``, DESIGN.md §5.4) may depend
+on x and y_<t (and on anything independent of the rollout, e.g. other
+rollouts or an EMA) but NEVER on y_t or later tokens of the same rollout;
+otherwise the estimator is biased (the oracle of DESIGN.md §7 detects it).
 
 Masks: ``mask_t`` is 1 at scored positions (the first L tokens; up to and
 including EOS) and 0 after; masked positions contribute nothing to returns,
@@ -51,6 +53,14 @@ from typing import NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+
+from latentdiv import baselines
+# Transition aliases: latentdiv/seq_kl.py and latentdiv/distill.py still call
+# these as estimators.<name>; new code uses latentdiv.baselines.
+from latentdiv.baselines import (  # noqa: F401  pylint: disable=unused-import
+    control_variate_coefficient, ema_update, explained_variance,
+    fit_control_variate_coefficient, init_control_variate_state,
+    jsd_control_variate, leave_one_out_baseline)
 
 Array = chex.Array
 
@@ -79,7 +89,22 @@ ALL_ESTIMATORS = ESTIMATORS + BIASED_ESTIMATORS
 """Every name accepted by the functions of this module."""
 
 BASELINED_ESTIMATORS = (REWARD_TO_GO_BASELINE, KL_TO_GO_BASELINE, RAO_BLACKWELL)
-"""Estimators that subtract a baseline ``b(c_t)`` (``None`` means b = 0)."""
+"""Estimators that subtract a baseline ``b(c_t)`` (``none`` means b = 0)."""
+
+
+class PerTokenTerms(NamedTuple):
+  """Per-token quantities of one sequence ([L]) or of N sequences ([N, L])."""
+  logp_score_t: Array  # log p(y_t | c_t).
+  logp_target_t: Array  # log q(y_t | c_t).
+  kl_t: Array  # KL(p(·|c_t) ‖ q(·|c_t)), exact over the vocabulary.
+
+
+class PolicyGradient(NamedTuple):
+  """Output of :func:`policy_gradient` for N rollouts of one group."""
+  loss: Array  # [N] surrogate; its gradient is an unbiased estimate of +∇D.
+  returns: Array  # [N, L] returns before the baseline, no gradient, 0 masked.
+  baseline: Array  # [N, L] baseline subtracted, 0 masked and for 'none'.
+  r_t: Array  # [N, L] log p(y_t|c_t) − log q(y_t|c_t), no gradient, 0 masked.
 
 
 def _assert_rank(arrays, rank, names: str) -> None:
@@ -99,19 +124,31 @@ def _check_estimator(estimator: str) -> None:
 
 
 def uses_baseline(estimator: str) -> bool:
-  """Whether ``estimator`` subtracts a baseline (DESIGN.md §5.3).
+  """Whether ``estimator`` (in :data:`ALL_ESTIMATORS`) subtracts a baseline.
 
-  Args:
-    estimator: a name in :data:`ALL_ESTIMATORS`.
-
-  Returns:
-    True for the names in :data:`BASELINED_ESTIMATORS`.
-
-  Raises:
-    ValueError: unknown name.
+  True for :data:`BASELINED_ESTIMATORS` (DESIGN.md §5.3); ValueError for an
+  unknown name.
   """
   _check_estimator(estimator)
   return estimator in BASELINED_ESTIMATORS
+
+
+def check_combination(estimator: str, baseline: str) -> None:
+  """Raises ValueError unless ``estimator`` may be used with ``baseline``.
+
+  Every estimator (:data:`ALL_ESTIMATORS`) takes ``none``; only
+  :data:`BASELINED_ESTIMATORS` take the other names of
+  ``baselines.BASELINES`` (DESIGN.md §5.3, §5.4).
+
+  Raises:
+    ValueError: unknown name, or a baseline for an estimator that takes none.
+  """
+  _check_estimator(estimator)
+  baselines.check_baseline(baseline)
+  if baseline != baselines.NONE and estimator not in BASELINED_ESTIMATORS:
+    raise ValueError(
+        f"Estimator {estimator!r} takes no baseline; estimators with a "
+        f"baseline: {BASELINED_ESTIMATORS}.")
 
 
 def reverse_cumsum(x_t: Array) -> Array:
@@ -129,19 +166,13 @@ def reverse_cumsum(x_t: Array) -> Array:
   return jnp.flip(jnp.cumsum(jnp.flip(x_t, axis=-1), axis=-1), axis=-1)
 
 
-def _check_per_token(r_t, kl_t, mask_t):
-  _assert_rank([r_t, kl_t, mask_t], 1, "r_t, kl_t, mask_t")
-  _assert_equal_shape([r_t, kl_t, mask_t], "r_t, kl_t, mask_t")
-
-
 def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
                       mask_t: Array) -> Array:
   """The coefficient ``A_t`` of an estimator before any baseline.
 
   This is also the quantity a baseline ``b(c_t)`` of that estimator should
   approximate (its conditional mean given c_t minimises the variance among
-  constant-in-y_t baselines), and what :func:`leave_one_out_baseline` averages
-  over the other rollouts::
+  constant-in-y_t baselines)::
 
     trajectory               R     = Σ_{t'} r_t'                   (same ∀t)
     reward_to_go(_baseline)  G_t   = Σ_{t'≥t} r_t'        ≈ E[G_t|c_t] = V(c_t)
@@ -163,13 +194,14 @@ def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
     [L] returns, zero at masked positions, no gradient.
 
   Raises:
-    ValueError: unknown estimator.
+    ValueError: unknown estimator or mismatched shapes.
 
   References:
-    DESIGN.md §5.3, §5.4; seed 002 Theorem 1.
+    DESIGN.md §5.3, §5.4.
   """
   _check_estimator(estimator)
-  _check_per_token(r_t, kl_t, mask_t)
+  _assert_rank([r_t, kl_t, mask_t], 1, "r_t, kl_t, mask_t")
+  _assert_equal_shape([r_t, kl_t, mask_t], "r_t, kl_t, mask_t")
   mask_t = mask_t.astype(r_t.dtype)
   r_t = jax.lax.stop_gradient(r_t) * mask_t
   kl_t = jax.lax.stop_gradient(kl_t).astype(r_t.dtype) * mask_t
@@ -187,18 +219,29 @@ def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
   return returns_t * mask_t
 
 
-def per_token_coefficients(estimator: str,
-                           r_t: Array,
-                           kl_t: Array,
-                           mask_t: Array,
-                           baseline_t: Optional[Array] = None) -> Array:
-  """Per-token coefficients ``A_t`` of the table in DESIGN.md §5.3.
+def _baseline_t(estimator: str, baseline_t: Optional[Array],
+                mask_t: Array) -> Array:
+  """A validated [L] baseline of one sequence: 0 for None, no gradient, masked."""
+  dtype = jnp.result_type(mask_t.dtype, jnp.float32)
+  if baseline_t is None:
+    return jnp.zeros(mask_t.shape, dtype)
+  check_combination(estimator, baselines.JSD)
+  baseline_t = jnp.asarray(baseline_t)
+  if baseline_t.ndim == 0:
+    baseline_t = jnp.broadcast_to(baseline_t, mask_t.shape)
+  chex.assert_shape(baseline_t, mask_t.shape,
+                    custom_message="baseline_t must be a scalar or [L]",
+                    exception_type=ValueError)
+  return jax.lax.stop_gradient(baseline_t) * mask_t.astype(baseline_t.dtype)
 
-  ``A_t = estimator_returns(estimator, r_t, kl_t, mask_t) − b_t`` for the
-  estimators in :data:`BASELINED_ESTIMATORS` (``b_t = 0`` when ``baseline_t``
-  is None), and the returns alone for the others. The result carries no
-  gradient (r_t, kl_t and the baseline are stop-gradiented) and is 0 at masked
-  positions.
+
+def per_token_coefficients(estimator: str, r_t: Array, kl_t: Array, mask_t: Array,
+                           baseline_t: Optional[Array] = None) -> Array:
+  """Per-token coefficients ``A_t = R_t − b_t`` of DESIGN.md §5.3.
+
+  ``R_t`` is :func:`estimator_returns`; ``b_t = 0`` when ``baseline_t`` is
+  None. No gradient (r_t, kl_t and the baseline are stop-gradiented); 0 at
+  masked positions.
 
   Args:
     estimator: a name in :data:`ALL_ESTIMATORS`.
@@ -216,65 +259,142 @@ def per_token_coefficients(estimator: str,
       takes none (use its ``*_baseline`` variant).
 
   References:
-    DESIGN.md §5.3, §5.4; seed 002 Theorem 1.
+    DESIGN.md §5.3, §5.4.
   """
   returns_t = estimator_returns(estimator, r_t, kl_t, mask_t)
-  if baseline_t is None:
-    return returns_t
-  if estimator not in BASELINED_ESTIMATORS:
+  return returns_t - _baseline_t(estimator, baseline_t, mask_t).astype(
+      returns_t.dtype)
+
+
+def _sequence_policy_gradient(estimator: str, terms: PerTokenTerms,
+                              mask_t: Array, baseline_t: Array,
+                              pathwise: bool) -> PolicyGradient:
+  """:func:`policy_gradient` of ONE sequence ([L] terms, [L] valid baseline)."""
+  logp_t, logq_t, kl_t = terms
+  mask_t = mask_t.astype(logp_t.dtype)
+  r_t = jax.lax.stop_gradient(logp_t - logq_t) * mask_t
+  returns_t = estimator_returns(estimator, r_t, kl_t, mask_t)
+  baseline_t = jax.lax.stop_gradient(baseline_t).astype(returns_t.dtype) * mask_t
+  coeff_t = returns_t - baseline_t
+  loss = jnp.sum(coeff_t * logp_t * mask_t)  # Score term Σ_t sg(A_t) log p.
+  if estimator == RAO_BLACKWELL:
+    loss += jnp.sum(kl_t * mask_t)  # Σ_t ∇KL_t replaces r_t and the pathwise term.
+  elif pathwise:
+    loss -= jnp.sum(logq_t * mask_t)  # −Σ_t ∇ log q(y_t|c_t).
+  return PolicyGradient(loss, returns_t, baseline_t, r_t)
+
+
+def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
+                    baseline: str = "none", baseline_value: Optional[Array] = None,
+                    pathwise: bool = True) -> PolicyGradient:
+  """Per-rollout surrogate losses whose gradients estimate ``+∇KL(p ‖ q)``.
+
+  For N rollouts ``yⁿ ~ p`` of the same group (prompt x, latent pair (i, j))::
+
+    loss[n] = Σ_t sg(A_t) log p(y_t|c_t) − Σ_t log q(y_t|c_t)   (i)–(v), biased
+                                            └─ pathwise term, if pathwise
+    loss[n] = Σ_t KL_t + Σ_t sg(A_t) log p(y_t|c_t)             rao_blackwell
+
+  with ``A_t = R_t − b_t`` (:func:`estimator_returns`, DESIGN.md §5.3) and
+  ``E_y ∇loss = ∇KL(p(y) ‖ q(y))`` for the unbiased estimators (DESIGN.md
+  §5.2). Gradients flow where ``terms`` carry them: for OPD pass terms of a
+  stop-gradiented teacher (and ``pathwise=False``); for rao_blackwell
+  ``kl_t`` carries the gradient through p (and q, unless stopped) and
+  ``pathwise`` has no effect. Baselines (DESIGN.md §5.4):
+
+  * ``none``: b = 0 (allowed for every estimator);
+  * ``leave_one_out``: the other rollouts' mean returns
+    (``baselines.leave_one_out_baseline``; needs N ≥ 2);
+  * ``ema``, ``jsd``: ``baseline_value`` given by the caller, broadcastable
+    to [N, L] (an [L] EMA vector, or an [N, L] control-variate value).
+
+  Args:
+    estimator: a name in :data:`ALL_ESTIMATORS`.
+    terms: :class:`PerTokenTerms` of three [N, L] arrays (N ≥ 1 rollouts).
+    mask_NxL: [N, L] 1 at scored positions (bool or float).
+    baseline: a name in ``baselines.BASELINES``; other than ``none`` only
+      for :data:`BASELINED_ESTIMATORS`.
+    baseline_value: the value of an ``ema`` / ``jsd`` baseline (None
+      otherwise). It must not depend on y_t or later tokens of its rollout.
+    pathwise: include the pathwise term (q depends on θ: the inter-latent KL).
+
+  Returns:
+    :class:`PolicyGradient` (loss [N]; returns, baseline, r_t [N, L]).
+
+  Raises:
+    ValueError: unknown estimator or baseline, a baseline for an estimator
+      that takes none, a missing or superfluous or mis-shaped
+      ``baseline_value``, N < 2 with ``leave_one_out``, mismatched shapes.
+
+  References:
+    DESIGN.md §5.2–§5.4, §6; Williams (1992) REINFORCE; Greensmith, Bartlett
+    & Baxter (2004) for baselines.
+  """
+  check_combination(estimator, baseline)
+  names = "terms.logp_score_t, terms.logp_target_t, terms.kl_t, mask_NxL"
+  arrays = [*terms, mask_NxL]
+  _assert_rank(arrays, 2, names)
+  _assert_equal_shape(arrays, names)
+  if (baseline_value is None) == (baseline in baselines.GIVEN_BASELINES):
     raise ValueError(
-        f"Estimator {estimator!r} takes no baseline; estimators with a "
-        f"baseline: {BASELINED_ESTIMATORS}.")
-  baseline_t = jnp.asarray(baseline_t)
-  if baseline_t.ndim == 0:
-    baseline_t = jnp.broadcast_to(baseline_t, r_t.shape)
-  chex.assert_shape(baseline_t, r_t.shape,
-                    custom_message="baseline_t must be a scalar or [L]",
-                    exception_type=ValueError)
-  baseline_t = jax.lax.stop_gradient(baseline_t).astype(returns_t.dtype)
-  return (returns_t - baseline_t) * mask_t.astype(returns_t.dtype)
+        f"baseline_value is required for baselines {baselines.GIVEN_BASELINES} "
+        f"and not accepted otherwise; got baseline={baseline!r} and "
+        f"baseline_value={'None' if baseline_value is None else 'an array'}.")
+  dtype = jnp.result_type(terms.logp_score_t.dtype, jnp.float32)
+  if baseline == baselines.LEAVE_ONE_OUT:
+    r_NxL = jax.lax.stop_gradient(terms.logp_score_t - terms.logp_target_t)
+    returns = jax.vmap(functools.partial(estimator_returns, estimator))(
+        r_NxL, terms.kl_t, mask_NxL)
+    baseline_NxL = baselines.leave_one_out_baseline(returns, mask_NxL)
+  elif baseline_value is not None:
+    value = jnp.asarray(baseline_value, dtype)
+    try:
+      shape = jnp.broadcast_shapes(value.shape, mask_NxL.shape)
+    except ValueError:
+      shape = None
+    if shape != mask_NxL.shape:
+      raise ValueError(
+          f"baseline_value of shape {value.shape} does not broadcast to "
+          f"mask_NxL's {mask_NxL.shape}.")
+    baseline_NxL = jnp.broadcast_to(value, mask_NxL.shape)
+  else:
+    baseline_NxL = jnp.zeros(mask_NxL.shape, dtype)
+  one = functools.partial(_sequence_policy_gradient, estimator,
+                          pathwise=pathwise)
+  return jax.vmap(one)(PerTokenTerms(*terms), mask_NxL, baseline_NxL)
 
 
-def sequence_kl_surrogate(estimator: str,
-                          logp_score_t: Array,
-                          logp_target_t: Array,
-                          kl_t: Array,
-                          mask_t: Array,
+def sequence_kl_surrogate(estimator: str, logp_score_t: Array, logp_target_t: Array,
+                          kl_t: Array, mask_t: Array,
                           baseline_t: Optional[Array] = None,
                           pathwise: bool = True) -> Array:
-  """Surrogate LOSS whose gradient is an unbiased estimate of ``−∇D``.
+  """Surrogate LOSS of one rollout whose gradient estimates ``−∇D``.
 
-  For ``D = KL(p_i(y) ‖ p_j(y))`` and one rollout ``y ~ p_i`` (a constant)::
+  ``S = −policy_gradient(...).loss`` for ``D = KL(p_i(y) ‖ p_j(y))`` and one
+  rollout ``y ~ p_i`` (DESIGN.md §5.2)::
 
-    estimators (i)–(v), per_token_reward:
-      S = − Σ_t sg(A_t) log p_i(y_t|c_t)  +  Σ_t log p_j(y_t|c_t)
-                                              └─ pathwise term, if pathwise
-    rao_blackwell:
-      S = − Σ_t KL_t  −  Σ_t sg(A_t) log p_i(y_t|c_t),   A_t = Σ_{t'>t} KL_t' − b_t
+    (i)–(v), per_token_reward:  S = −Σ_t sg(A_t) log p_i(y_t|c_t) + Σ_t log p_j(y_t|c_t)
+    rao_blackwell:              S = −Σ_t KL_t − Σ_t sg(A_t) log p_i(y_t|c_t)
 
-  with ``r_t = sg(log p_i(y_t|c_t) − log p_j(y_t|c_t))``. Minimising S
-  maximises D. For rao_blackwell ``kl_t`` must carry the gradient through both
-  p_i and p_j (it replaces the sampled current-step and pathwise terms by
-  their exact conditional expectations); ``pathwise`` has no effect there:
-  to drop the target's gradient, stop it inside kl_t (as
+  Minimising S maximises D. For rao_blackwell ``kl_t`` must carry the
+  gradient through both p_i and p_j; ``pathwise`` has no effect there (to
+  drop the target's gradient, stop it inside kl_t, as
   :func:`sequence_kl_surrogate_from_logits` does with ``pathwise=False``).
 
   Args:
     estimator: a name in :data:`ALL_ESTIMATORS`.
     logp_score_t: [L] ``log p_i(y_t|c_t)`` (with gradient).
     logp_target_t: [L] ``log p_j(y_t|c_t)`` (with gradient).
-    kl_t: [L] exact ``KL(p_i(·|c_t) ‖ p_j(·|c_t))`` (with gradient; only used
-      with gradient by rao_blackwell).
+    kl_t: [L] exact ``KL(p_i(·|c_t) ‖ p_j(·|c_t))``.
     mask_t: [L] 1 at scored positions.
     baseline_t: optional scalar or [L] baseline (baselined estimators only).
-    pathwise: include the pathwise term ``Σ_t log p_j(y_t|c_t)`` (needed when
-      p_j depends on θ, as for the inter-latent KL).
+    pathwise: include the pathwise term ``Σ_t log p_j(y_t|c_t)``.
 
   Returns:
     Scalar surrogate loss for this sequence.
 
   Raises:
-    ValueError: unknown estimator or misplaced baseline.
+    ValueError: unknown estimator, mismatched shapes or misplaced baseline.
 
   References:
     DESIGN.md §5.2, §5.3.
@@ -283,22 +403,10 @@ def sequence_kl_surrogate(estimator: str,
   names = "logp_score_t, logp_target_t, kl_t, mask_t"
   _assert_rank([logp_score_t, logp_target_t, kl_t, mask_t], 1, names)
   _assert_equal_shape([logp_score_t, logp_target_t, kl_t, mask_t], names)
-  mask_t = mask_t.astype(logp_score_t.dtype)
-  r_t = jax.lax.stop_gradient(logp_score_t - logp_target_t)
-  coeff_t = per_token_coefficients(estimator, r_t, kl_t, mask_t, baseline_t)
-  score_term = -jnp.sum(coeff_t * logp_score_t * mask_t)
-  if estimator == RAO_BLACKWELL:
-    return -jnp.sum(kl_t * mask_t) + score_term
-  if pathwise:
-    return score_term + jnp.sum(logp_target_t * mask_t)
-  return score_term
-
-
-class PerTokenTerms(NamedTuple):
-  """Per-token quantities of one sequence under two distributions."""
-  logp_score_t: Array  # [L] log p(y_t | c_t).
-  logp_target_t: Array  # [L] log q(y_t | c_t).
-  kl_t: Array  # [L] KL(p(·|c_t) ‖ q(·|c_t)), exact over the vocabulary.
+  terms = PerTokenTerms(logp_score_t, logp_target_t, kl_t)
+  baseline_t = _baseline_t(estimator, baseline_t, mask_t)
+  return -_sequence_policy_gradient(estimator, terms, mask_t, baseline_t,
+                                    pathwise).loss
 
 
 def per_token_terms(logits_score_LxV: Array, logits_target_LxV: Array,
@@ -316,6 +424,9 @@ def per_token_terms(logits_score_LxV: Array, logits_target_LxV: Array,
 
   Returns:
     :class:`PerTokenTerms` of three [L] arrays.
+
+  Raises:
+    ValueError: mismatched shapes.
 
   References:
     DESIGN.md §5.3 (KL_t).
@@ -336,10 +447,8 @@ def per_token_terms(logits_score_LxV: Array, logits_target_LxV: Array,
   return PerTokenTerms(logp_t, logq_t, kl_t)
 
 
-def sequence_kl_surrogate_from_logits(estimator: str,
-                                      logits_score_LxV: Array,
-                                      logits_target_LxV: Array,
-                                      tokens_L: Array,
+def sequence_kl_surrogate_from_logits(estimator: str, logits_score_LxV: Array,
+                                      logits_target_LxV: Array, tokens_L: Array,
                                       mask_t: Array,
                                       baseline_t: Optional[Array] = None,
                                       pathwise: bool = True) -> Array:
@@ -368,24 +477,20 @@ def sequence_kl_surrogate_from_logits(estimator: str,
   if not pathwise:
     logits_target_LxV = jax.lax.stop_gradient(logits_target_LxV)
   terms = per_token_terms(logits_score_LxV, logits_target_LxV, tokens_L)
-  return sequence_kl_surrogate(estimator, terms.logp_score_t,
-                               terms.logp_target_t, terms.kl_t, mask_t,
+  return sequence_kl_surrogate(estimator, *terms, mask_t,
                                baseline_t=baseline_t, pathwise=pathwise)
 
 
-def opd_surrogate(estimator: str,
-                  student_logits_LxV: Array,
-                  teacher_logits_LxV: Array,
-                  tokens_L: Array,
-                  mask_t: Array,
+def opd_surrogate(estimator: str, student_logits_LxV: Array,
+                  teacher_logits_LxV: Array, tokens_L: Array, mask_t: Array,
                   baseline_t: Optional[Array] = None) -> Array:
   """On-policy distillation LOSS: gradient estimates ``+∇ KL(π_θ ‖ q)``.
 
-  Minimise it. For a response y ~ π_θ (student) and a frozen teacher q::
+  Minimise it. For a response y ~ π_θ (student) and a frozen teacher q it is
+  ``policy_gradient(..., pathwise=False).loss`` on the terms of ``(π, sg(q))``::
 
-    L_opd = − sequence_kl_surrogate(π, sg(q), pathwise=False)
-          =   Σ_t sg(A_t) log π(y_t|c_t)                  (i)–(v)
-          =   Σ_t KL_t + Σ_t sg(A_t) log π(y_t|c_t)        rao_blackwell
+    L_opd = Σ_t sg(A_t) log π(y_t|c_t)                  (i)–(v)
+          = Σ_t KL_t + Σ_t sg(A_t) log π(y_t|c_t)        rao_blackwell
 
   with ``r_t = log π(y_t|c_t) − log q(y_t|c_t)``. The teacher logits are
   stop-gradiented here, so the teacher receives no gradient even when it
@@ -403,244 +508,17 @@ def opd_surrogate(estimator: str,
   Returns:
     Scalar loss for this response.
 
+  Raises:
+    ValueError: unknown estimator, mismatched shapes or misplaced baseline.
+
   References:
-    DESIGN.md §6; seed 002 Theorem 1.
+    DESIGN.md §6, §5.3.
   """
   names = "student_logits_LxV, teacher_logits_LxV, tokens_L"
-  _assert_rank([student_logits_LxV, teacher_logits_LxV, tokens_L], [2, 2, 1], names)
+  _assert_rank([student_logits_LxV, teacher_logits_LxV, tokens_L], [2, 2, 1],
+               names)
   _assert_equal_shape([student_logits_LxV, teacher_logits_LxV], names)
   return -sequence_kl_surrogate_from_logits(
-      estimator,
-      student_logits_LxV,
-      jax.lax.stop_gradient(teacher_logits_LxV),
-      tokens_L,
-      mask_t,
-      baseline_t=baseline_t,
-      pathwise=False)
-
-
-# ----------------------------------------------------------------------------
-# Baselines (DESIGN.md §5.4).
-# ----------------------------------------------------------------------------
-
-
-def leave_one_out_baseline(returns_NxL: Array, mask_NxL: Array) -> Array:
-  """Per-position leave-one-out mean of the other rollouts' returns.
-
-  For N rollouts of the same (x, i[, j])::
-
-    b[n, t] = Σ_{m≠n} mask[m,t] R[m,t] / Σ_{m≠n} mask[m,t]   (0 if no m)
-
-  b[n] depends only on the other rollouts, which are independent of rollout
-  n, so the estimator stays unbiased. No gradient.
-
-  Args:
-    returns_NxL: [N, L] returns (:func:`estimator_returns`) of N rollouts.
-    mask_NxL: [N, L] 1 at scored positions.
-
-  Returns:
-    [N, L] baselines.
-
-  Raises:
-    ValueError: N < 2.
-
-  References:
-    DESIGN.md §5.4 (batch_mean, leave-one-out).
-  """
-  _assert_rank([returns_NxL, mask_NxL], 2, "returns_NxL, mask_NxL")
-  _assert_equal_shape([returns_NxL, mask_NxL], "returns_NxL, mask_NxL")
-  if returns_NxL.shape[0] < 2:
-    raise ValueError(
-        "leave_one_out_baseline needs N >= 2 rollouts per group; got "
-        f"returns_NxL with shape {returns_NxL.shape}.")
-  returns_NxL = jax.lax.stop_gradient(returns_NxL)
-  mask_NxL = mask_NxL.astype(returns_NxL.dtype)
-  total_L = jnp.sum(returns_NxL * mask_NxL, axis=0)
-  count_L = jnp.sum(mask_NxL, axis=0)
-  others_NxL = total_L[None, :] - returns_NxL * mask_NxL
-  count_NxL = count_L[None, :] - mask_NxL
-  return jnp.where(count_NxL > 0, others_NxL / jnp.maximum(count_NxL, 1.0),
-                   0.0)
-
-
-def ema_update(ema: Array, value: Array, decay: float) -> Array:
-  """Exponential moving average ``ema ← decay·ema + (1 − decay)·value``.
-
-  Used for the ``ema`` baseline (a scalar or per-position vector carried in
-  the train state; constant within a step, hence unbiased). No gradient.
-
-  Args:
-    ema: current average (any shape).
-    value: new value, same shape.
-    decay: in [0, 1].
-
-  Returns:
-    Updated average, same shape.
-
-  References:
-    DESIGN.md §5.4 (ema).
-  """
-  _assert_equal_shape([ema, value], "ema, value")
-  value = jax.lax.stop_gradient(value)
-  return decay * ema + (1.0 - decay) * value
-
-
-def jsd_control_variate(c: Array, jsd_to_go_t: Array) -> Array:
-  """JSD control-variate baseline ``b_t = c · J_t``.
-
-  ``J_t = Σ_{t'≥t} w_t' JSD_t'`` is the token-weighted pairwise JSD to go,
-  computed under teacher forcing on the data y* (so independent of the
-  sample); for the trajectory form pass the scalar Ĵ_L. No gradient.
-
-  Args:
-    c: scalar coefficient (e.g. from :func:`control_variate_coefficient`).
-    jsd_to_go_t: [L] (or scalar) JSD to go.
-
-  Returns:
-    Baseline with the shape of ``jsd_to_go_t``.
-
-  References:
-    DESIGN.md §5.4; seed 000 (Variance Reduction).
-  """
-  _assert_rank(c, 0, "c")
-  return jax.lax.stop_gradient(c * jsd_to_go_t)
-
-
-class ControlVariateState(NamedTuple):
-  """EMA moments for fitting ``c = Cov(R, Ĵ) / Var(Ĵ)`` online."""
-  count: Array  # int32 scalar, number of updates.
-  mean_r: Array  # EMA of E[R].
-  mean_j: Array  # EMA of E[Ĵ].
-  mean_rj: Array  # EMA of E[R Ĵ].
-  mean_jj: Array  # EMA of E[Ĵ²].
-
-
-def init_control_variate_state(dtype=jnp.float32) -> ControlVariateState:
-  """Zero state for :func:`fit_control_variate_coefficient`.
-
-  Args:
-    dtype: float dtype of the moments.
-
-  Returns:
-    :class:`ControlVariateState` with count 0.
-  """
-  zero = jnp.zeros((), dtype)
-  return ControlVariateState(jnp.zeros((), jnp.int32), zero, zero, zero, zero)
-
-
-def control_variate_coefficient(state: ControlVariateState,
-                                decay: float,
-                                eps: float = 1e-6) -> Array:
-  """``c = Cov(R, Ĵ) / Var(Ĵ)`` from debiased EMA moments (0 before data).
-
-  Moments are debiased Adam-style (divided by ``1 − decay^count``), so after
-  the first update they equal the first batch's moments.
-
-  Args:
-    state: :class:`ControlVariateState`.
-    decay: the EMA decay used by the updates.
-    eps: c = 0 when Var(Ĵ) ≤ eps·E[Ĵ²] (no usable spread in Ĵ).
-
-  Returns:
-    Scalar c, no gradient.
-
-  References:
-    DESIGN.md §5.4.
-  """
-  correction = 1.0 - jnp.asarray(decay, state.mean_r.dtype)**state.count
-  correction = jnp.where(state.count > 0, correction, 1.0)
-  mean_r = state.mean_r / correction
-  mean_j = state.mean_j / correction
-  cov = state.mean_rj / correction - mean_r * mean_j
-  second = state.mean_jj / correction
-  var = second - mean_j * mean_j
-  ok = var > eps * second
-  c = jnp.where(ok, cov / jnp.where(ok, var, 1.0), 0.0)
-  return jax.lax.stop_gradient(c)
-
-
-def fit_control_variate_coefficient(state: ControlVariateState,
-                                    returns: Array,
-                                    jsd_values: Array,
-                                    decay: float,
-                                    mask: Optional[Array] = None,
-                                    eps: float = 1e-6):
-  """Update the EMA moments with a batch and return the fitted c.
-
-  ``c = Cov(R, Ĵ) / Var(Ĵ)`` is the least-squares coefficient of R on Ĵ (the
-  variance-minimising control-variate coefficient). Each batch contributes its
-  (masked) means of R, Ĵ, RĴ, Ĵ² to debiased EMAs.
-
-  For strict unbiasedness compute this step's baseline with the coefficient
-  of the state BEFORE the update (:func:`control_variate_coefficient`) and
-  update afterwards: a c fitted on the current sample depends (weakly) on it.
-
-  Args:
-    state: :class:`ControlVariateState`.
-    returns: [...] returns R (e.g. [B] trajectory or [B, L] to-go returns).
-    jsd_values: same shape, the JSD control variate Ĵ paired with each R.
-    decay: EMA decay in [0, 1).
-    mask: optional same-shape weights (1 = use the entry).
-    eps: see :func:`control_variate_coefficient`.
-
-  Returns:
-    (new_state, c) with c from the updated state.
-
-  References:
-    DESIGN.md §5.4; seed 000 (Variance Reduction).
-  """
-  _assert_equal_shape([returns, jsd_values], "returns, jsd_values")
-  if mask is None:
-    mask = jnp.ones(returns.shape, state.mean_r.dtype)
-  _assert_equal_shape([returns, mask], "returns, mask")
-  dtype = state.mean_r.dtype
-  r = jax.lax.stop_gradient(returns).astype(dtype)
-  j = jax.lax.stop_gradient(jsd_values).astype(dtype)
-  w = mask.astype(dtype)
-  total = jnp.maximum(jnp.sum(w), 1.0)
-  mean = lambda x: jnp.sum(w * x) / total
-  update = functools.partial(ema_update, decay=decay)
-  new_state = ControlVariateState(
-      count=state.count + 1,
-      mean_r=update(state.mean_r, mean(r)),
-      mean_j=update(state.mean_j, mean(j)),
-      mean_rj=update(state.mean_rj, mean(r * j)),
-      mean_jj=update(state.mean_jj, mean(j * j)))
-  return new_state, control_variate_coefficient(new_state, decay, eps)
-
-
-def explained_variance(returns: Array,
-                       baseline: Array,
-                       mask: Optional[Array] = None) -> Array:
-  """Fraction of the returns' variance a baseline removes.
-
-  ``EV = 1 − Var(R − b) / Var(R)`` over all (masked) entries; 1 is a perfect
-  baseline, 0 a useless one, negative a harmful one. 0 when Var(R) = 0.
-
-  Args:
-    returns: [...] returns R.
-    baseline: same shape, baselines b.
-    mask: optional same-shape weights.
-
-  Returns:
-    Scalar explained variance.
-
-  References:
-    DESIGN.md §5.4 (the diagnostics report the variance removed).
-  """
-  returns, baseline = jnp.asarray(returns), jnp.asarray(baseline)
-  _assert_equal_shape([returns, baseline], "returns, baseline")
-  if mask is None:
-    mask = jnp.ones(returns.shape, returns.dtype)
-  _assert_equal_shape([returns, mask], "returns, mask")
-  w = mask.astype(returns.dtype)
-  total = jnp.maximum(jnp.sum(w), 1.0)
-
-  def var(x):
-    m = jnp.sum(w * x) / total
-    return jnp.sum(w * (x - m)**2) / total
-
-  var_r = var(returns)
-  resid = var(returns - baseline)
-  return jnp.where(var_r > 0, 1.0 - resid / jnp.where(var_r > 0, var_r, 1.0),
-                   0.0)
+      estimator, student_logits_LxV,
+      jax.lax.stop_gradient(teacher_logits_LxV), tokens_L, mask_t,
+      baseline_t=baseline_t, pathwise=False)

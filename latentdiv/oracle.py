@@ -1,18 +1,19 @@
-"""Exact-enumeration correctness oracle for the sequence-KL estimators.
+"""Exact-enumeration correctness oracle (DESIGN.md §7).
 
 For a tiny vocabulary V and length L every one of the V^L sequences can be
-enumerated, so the distribution of a model over sequences, the sequence KL,
-its gradient, and the exact mean and variance of any per-sequence gradient
-estimator are computed exactly — by running the library's own surrogate code
-(``latentdiv/estimators.py``) on all sequences at once, never by sampling
-(DESIGN.md §7).
+enumerated, so the distribution of a model over sequences, the sequence KL and
+its gradient are computed exactly, never by sampling. The exact mean and
+variance of the library's estimators over this enumeration are in
+``latentdiv/moments.py``; the oracle also draws exact samples (to check the
+Monte-Carlo machinery and the rollout sampler by a chi-square test) and
+provides a fully tabular model on which no estimator bias can hide.
 
 Models are pure functions. An inter-latent model is
 ``logits_fn(params, tokens_NxL, latent) -> logits_NxLxV`` where
 ``logits[:, t]`` are the next-token logits of y_t given y_<t (teacher forced;
 the function closes over the prompt x). OPD takes a student and a teacher
-``fn(params, tokens_NxL) -> logits_NxLxV`` (bind a latent model's latent with a
-lambda). Any Flax model fits after ``lambda p, y, k: model.apply(p, x, y, k)``.
+``fn(params, tokens_NxL) -> logits_NxLxV`` (a latent model at a fixed latent:
+:func:`bind`). Any Flax model fits after ``lambda p, y, k: model.apply(p, x, y, k)``.
 
 Tokens are the model's raw ids 0..V−1; the oracle enumerates all of them.
 With ``eos_id`` given, an output ends at its first EOS (EOS itself is scored);
@@ -21,34 +22,33 @@ sequence is counted exactly once: only its canonical representative, with
 ``pad_id`` at every position after EOS, gets weight, and its probability is
 the product of the scored steps. Models must be causal (logits at t depend on
 y_<t only), so the filler never changes a scored position.
-
-Sign conventions (the estimators' surrogates are LOSSES):
-
-* :func:`estimator_gradient_moments` → mean ≈ ``−∇D_ij`` (D is maximised);
-* :func:`opd_gradient_moments` → mean ≈ ``+∇KL(π‖q)`` (KL is minimised).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentdiv import estimators as est
-
 Array = chex.Array
 PyTree = Any
 LogitsFn = Callable[[PyTree, Array, Any], Array]
 
 MAX_SEQUENCES = 1 << 20
+"""Most sequences (or groups of sequences) the oracle enumerates."""
+
+_MOVED_TO_MOMENTS = ("estimator_moments", "pair_estimator_moments",
+                     "opd_gradient_moments")
 
 
-class Moments(NamedTuple):
-  """Exact first two moments of a vector-valued estimator g(y)."""
-  mean: PyTree  # Σ_y p(y) g(y), same structure as g.
-  variance: Array  # Σ_y p(y) ‖g(y) − mean‖² (total variance, a scalar).
+def __getattr__(name):
+  """Transition: tests/test_distill.py still reads these as ``oracle.<name>``."""
+  if name in _MOVED_TO_MOMENTS:
+    from latentdiv import moments  # pylint: disable=import-outside-toplevel
+    return getattr(moments, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -56,15 +56,34 @@ class Moments(NamedTuple):
 # ----------------------------------------------------------------------------
 
 
-def _check_sizes(vocab_size: int, length: int, pairs: bool = False) -> int:
-  if vocab_size < 2 or length < 1:
+def num_sequences(vocab_size: int, length: int, group_size: int = 1) -> int:
+  """``V^L``, after checking that groups of ``group_size`` can be enumerated.
+
+  Args:
+    vocab_size: V ≥ 2.
+    length: L ≥ 1.
+    group_size: N ≥ 1; the enumeration has (V^L)^N groups of N sequences.
+
+  Returns:
+    V^L.
+
+  Raises:
+    ValueError: V < 2, L < 1, N < 1 or (V^L)^N above :data:`MAX_SEQUENCES`.
+
+  References:
+    DESIGN.md §7.
+  """
+  if vocab_size < 2 or length < 1 or group_size < 1:
     raise ValueError(
-        f"Need vocab_size >= 2 and length >= 1; got {vocab_size}, {length}.")
+        f"Need vocab_size >= 2, length >= 1 and group_size >= 1; got "
+        f"{vocab_size}, {length}, {group_size}.")
   num = vocab_size**length
-  if (num * num if pairs else num) > MAX_SEQUENCES:
+  if num**group_size > MAX_SEQUENCES:
+    groups = {1: "", 2: " in pairs"}.get(group_size,
+                                         f" in groups of {group_size}")
     raise ValueError(
         f"V^L = {vocab_size}^{length} = {num} sequences is too many to "
-        f"enumerate{' in pairs' if pairs else ''} (limit {MAX_SEQUENCES}).")
+        f"enumerate{groups} (limit {MAX_SEQUENCES}).")
   return num
 
 
@@ -87,7 +106,7 @@ def all_sequences(vocab_size: int, length: int) -> Array:
   References:
     DESIGN.md §7.
   """
-  num = _check_sizes(vocab_size, length)
+  num = num_sequences(vocab_size, length)
   digits = np.stack(
       np.unravel_index(np.arange(num), (vocab_size,) * length), axis=-1)
   return jnp.asarray(digits, jnp.int32)
@@ -112,9 +131,7 @@ def sequence_index(tokens_NxL: Array, vocab_size: int) -> Array:
   return jnp.sum(tokens_NxL.astype(jnp.int32) * powers_L[None, :], axis=-1)
 
 
-def truncation_mask(tokens_NxL: Array,
-                    eos_id: Optional[int] = None,
-                    pad_id: int = 0):
+def truncation_mask(tokens_NxL: Array, eos_id: Optional[int] = None, pad_id: int = 0):
   """Scored positions and canonical representatives under EOS truncation.
 
   ``mask[n, t] = 1`` iff no EOS occurs strictly before t (EOS itself is
@@ -170,13 +187,8 @@ def _enumerate(vocab_size, length, eos_id, pad_id):
   return tokens, mask, canonical
 
 
-def _probabilities(fn, params, tokens, mask, canonical):
-  """Exact p(y) of every row; 0 for non-canonical rows."""
-  logp = _sequence_log_probs(fn, params, tokens, mask)
-  return jnp.where(canonical, jnp.exp(logp), 0.0)
-
-
-def _bind(logits_fn, latent):
+def bind(logits_fn: LogitsFn, latent: Any) -> Callable[[PyTree, Array], Array]:
+  """``(params, tokens_NxL) -> logits`` of a latent model at a fixed latent."""
   return lambda params, tokens: logits_fn(params, tokens, latent)
 
 
@@ -198,20 +210,16 @@ def exact_step_log_probs(logits_fn: LogitsFn, params: PyTree, latent: Any,
     DESIGN.md §7.
   """
   tokens = all_sequences(vocab_size, length)
-  logp = _step_log_probs(_bind(logits_fn, latent), params, tokens)
+  logp = _step_log_probs(bind(logits_fn, latent), params, tokens)
   chex.assert_shape(logp, (tokens.shape[0], length, vocab_size),
                     custom_message="logits_fn's vocabulary must be V",
                     exception_type=ValueError)
   return logp
 
 
-def exact_sequence_logprobs(logits_fn: LogitsFn,
-                            params: PyTree,
-                            latent: Any,
-                            vocab_size: int,
-                            length: int,
-                            eos_id: Optional[int] = None,
-                            pad_id: int = 0) -> Array:
+def exact_sequence_logprobs(logits_fn: LogitsFn, params: PyTree, latent: Any,
+                            vocab_size: int, length: int,
+                            eos_id: Optional[int] = None, pad_id: int = 0) -> Array:
   """``log p_k(y)`` for every sequence y of :func:`all_sequences`.
 
   ``log p_k(y) = Σ_t mask_t log p_k(y_t | y_<t)``; −inf for rows that are not
@@ -234,7 +242,7 @@ def exact_sequence_logprobs(logits_fn: LogitsFn,
     DESIGN.md §7.
   """
   tokens, mask, canonical = _enumerate(vocab_size, length, eos_id, pad_id)
-  logp = _sequence_log_probs(_bind(logits_fn, latent), params, tokens, mask)
+  logp = _sequence_log_probs(bind(logits_fn, latent), params, tokens, mask)
   return jnp.where(canonical, logp, -jnp.inf)
 
 
@@ -247,14 +255,8 @@ def _exact_kl(fn_p, params_p, fn_q, params_q, vocab_size, length, eos_id,
   return jnp.sum(prob * (logp - logq))
 
 
-def exact_kl(logits_fn: LogitsFn,
-             params: PyTree,
-             i: Any,
-             j: Any,
-             vocab_size: int,
-             length: int,
-             eos_id: Optional[int] = None,
-             pad_id: int = 0) -> Array:
+def exact_kl(logits_fn: LogitsFn, params: PyTree, i: Any, j: Any, vocab_size: int,
+             length: int, eos_id: Optional[int] = None, pad_id: int = 0) -> Array:
   """Exact sequence-level inter-latent KL by enumeration.
 
   ``D_ij = Σ_y p_i(y) (log p_i(y) − log p_j(y))`` over all V^L sequences
@@ -276,25 +278,17 @@ def exact_kl(logits_fn: LogitsFn,
   References:
     DESIGN.md §5.1, §7.
   """
-  return _exact_kl(_bind(logits_fn, i), params, _bind(logits_fn, j), params,
+  return _exact_kl(bind(logits_fn, i), params, bind(logits_fn, j), params,
                    vocab_size, length, eos_id, pad_id)
 
 
-def exact_kl_grad(logits_fn: LogitsFn,
-                  params: PyTree,
-                  i: Any,
-                  j: Any,
-                  vocab_size: int,
-                  length: int,
-                  eos_id: Optional[int] = None,
+def exact_kl_grad(logits_fn: LogitsFn, params: PyTree, i: Any, j: Any,
+                  vocab_size: int, length: int, eos_id: Optional[int] = None,
                   pad_id: int = 0) -> PyTree:
   """``∇_params D_ij`` by ``jax.grad`` through the enumeration.
 
-  Args:
-    See :func:`exact_kl`.
-
-  Returns:
-    Pytree like params: the exact gradient ∇D_ij (through both p_i and p_j).
+  Args and References as :func:`exact_kl`; returns a pytree like params, the
+  exact gradient ∇D_ij (through both p_i and p_j).
 
   References:
     DESIGN.md §5.2, §7.
@@ -303,14 +297,9 @@ def exact_kl_grad(logits_fn: LogitsFn,
                                      eos_id, pad_id))(params)
 
 
-def exact_opd_kl(student_fn: Callable,
-                 student_params: PyTree,
-                 teacher_fn: Callable,
-                 teacher_params: PyTree,
-                 vocab_size: int,
-                 length: int,
-                 eos_id: Optional[int] = None,
-                 pad_id: int = 0) -> Array:
+def exact_opd_kl(student_fn: Callable, student_params: PyTree, teacher_fn: Callable,
+                 teacher_params: PyTree, vocab_size: int, length: int,
+                 eos_id: Optional[int] = None, pad_id: int = 0) -> Array:
   """Exact sequence reverse KL ``KL(π(y) ‖ q(y))`` of student to teacher.
 
   Args:
@@ -334,21 +323,13 @@ def exact_opd_kl(student_fn: Callable,
                    eos_id, pad_id)
 
 
-def exact_opd_kl_grad(student_fn: Callable,
-                      student_params: PyTree,
-                      teacher_fn: Callable,
-                      teacher_params: PyTree,
-                      vocab_size: int,
-                      length: int,
-                      eos_id: Optional[int] = None,
+def exact_opd_kl_grad(student_fn: Callable, student_params: PyTree,
+                      teacher_fn: Callable, teacher_params: PyTree, vocab_size: int,
+                      length: int, eos_id: Optional[int] = None,
                       pad_id: int = 0) -> PyTree:
   """``∇_student KL(π ‖ q)`` by ``jax.grad`` through the enumeration.
 
-  Args:
-    See :func:`exact_opd_kl`.
-
-  Returns:
-    Pytree like student_params.
+  Args as :func:`exact_opd_kl`; returns a pytree like student_params.
 
   References:
     DESIGN.md §6, §7.
@@ -359,359 +340,13 @@ def exact_opd_kl_grad(student_fn: Callable,
 
 
 # ----------------------------------------------------------------------------
-# Exact moments of estimators.
-# ----------------------------------------------------------------------------
-
-
-def _tree_vdot(weights_N, tree_N):
-  return jax.tree.map(
-      lambda x: jnp.tensordot(weights_N.astype(x.dtype), x, axes=1), tree_N)
-
-
-def _tree_sq_dist(tree_N, mean):
-  """[N] squared global distance of each row of tree_N to mean."""
-  leaves = jax.tree.map(
-      lambda x, m: jnp.sum((x - m[None]).reshape(x.shape[0], -1)**2, axis=-1),
-      tree_N, mean)
-  return sum(jax.tree.leaves(leaves))
-
-
-def _moments(per_sequence_grad_fn, fn, params, vocab_size, length, eos_id,
-             pad_id):
-  tokens, mask, canonical = _enumerate(vocab_size, length, eos_id, pad_id)
-  prob = jax.lax.stop_gradient(
-      _probabilities(fn, params, tokens, mask, canonical))
-  grads = jax.vmap(per_sequence_grad_fn)(tokens, mask)
-  mean = _tree_vdot(prob, grads)
-  sq = _tree_sq_dist(grads, mean)
-  variance = jnp.sum(prob.astype(sq.dtype) * sq)
-  return Moments(mean, variance)
-
-
-def estimator_moments(per_sequence_grad_fn: Callable,
-                      logits_fn: LogitsFn,
-                      params: PyTree,
-                      i: Any,
-                      vocab_size: int,
-                      length: int,
-                      eos_id: Optional[int] = None,
-                      pad_id: int = 0) -> Moments:
-  """Exact mean and total variance of an estimator g(y), y ~ p_i.
-
-  ``mean = Σ_y p_i(y) g(y)``,
-  ``variance = Σ_y p_i(y) ‖g(y) − mean‖² = Σ_y p_i(y)‖g(y)‖² − ‖mean‖²``,
-  with g evaluated on all sequences at once (``jax.vmap``), not sampled.
-
-  Args:
-    per_sequence_grad_fn: ``(tokens_L, mask_L) -> pytree`` the estimator for
-      one sequence (e.g. ``jax.grad`` of a surrogate loss).
-    logits_fn: ``(params, tokens_NxL, latent) -> logits_NxLxV``.
-    params: parameters of the sampling distribution p_i.
-    i: sampling latent.
-    vocab_size: V.
-    length: L.
-    eos_id: optional EOS id.
-    pad_id: filler after EOS.
-
-  Returns:
-    :class:`Moments`.
-
-  References:
-    DESIGN.md §7.
-  """
-  return _moments(per_sequence_grad_fn, _bind(logits_fn, i), params,
-                  vocab_size, length, eos_id, pad_id)
-
-
-def _baseline_from_fn(baseline_fn, logits_p_LxV, logits_q_LxV, tokens_L,
-                      mask_L):
-  if baseline_fn is None:
-    return None
-  terms = est.per_token_terms(
-      jax.lax.stop_gradient(logits_p_LxV), jax.lax.stop_gradient(logits_q_LxV),
-      tokens_L)
-  mask = mask_L.astype(terms.kl_t.dtype)
-  r_t = (terms.logp_score_t - terms.logp_target_t) * mask
-  return baseline_fn(tokens_L, r_t, terms.kl_t * mask, mask_L)
-
-
-def estimator_gradient_moments(logits_fn: LogitsFn,
-                               params: PyTree,
-                               i: Any,
-                               j: Any,
-                               estimator: str,
-                               vocab_size: int,
-                               length: int,
-                               baseline_fn: Optional[Callable] = None,
-                               pathwise: bool = True,
-                               eos_id: Optional[int] = None,
-                               pad_id: int = 0) -> Moments:
-  """Exact moments of the library's inter-latent KL gradient estimator.
-
-  ``g(y) = ∇_params`` of
-  :func:`latentdiv.estimators.sequence_kl_surrogate_from_logits` on rollout y
-  of latent i scored against latent j. The surrogate is a loss, so for an
-  unbiased estimator ``mean == −exact_kl_grad(...)``.
-
-  Args:
-    logits_fn: ``(params, tokens_NxL, latent) -> logits_NxLxV``.
-    params: model parameters.
-    i: sampling latent.
-    j: target latent.
-    estimator: a name in ``estimators.ALL_ESTIMATORS``.
-    vocab_size: V.
-    length: L.
-    baseline_fn: optional ``(tokens_L, r_t, kl_t, mask_t) -> b_t`` ([L] or
-      scalar); r_t and kl_t are the rollout's (gradient-free) log-ratios and
-      per-step KLs, so a mis-specified baseline that looks at y_t (e.g.
-      ``b_t = r_t``) can be expressed — and is detected as biased.
-    pathwise: differentiate through p_j (the inter-latent objective needs it).
-    eos_id: optional EOS id.
-    pad_id: filler after EOS.
-
-  Returns:
-    :class:`Moments` of the surrogate's gradient.
-
-  References:
-    DESIGN.md §5.2, §5.3, §7.
-  """
-
-  def grad_fn(tokens_L, mask_L):
-
-    def loss(p):
-      logits_i = logits_fn(p, tokens_L[None], i)[0]
-      logits_j = logits_fn(p, tokens_L[None], j)[0]
-      baseline_t = _baseline_from_fn(baseline_fn, logits_i, logits_j,
-                                     tokens_L, mask_L)
-      return est.sequence_kl_surrogate_from_logits(
-          estimator, logits_i, logits_j, tokens_L, mask_L, baseline_t,
-          pathwise)
-
-    return jax.grad(loss)(params)
-
-  return estimator_moments(grad_fn, logits_fn, params, i, vocab_size, length,
-                           eos_id, pad_id)
-
-
-def opd_gradient_moments(student_fn: Callable,
-                         student_params: PyTree,
-                         teacher_fn: Callable,
-                         teacher_params: PyTree,
-                         estimator: str,
-                         vocab_size: int,
-                         length: int,
-                         baseline_fn: Optional[Callable] = None,
-                         eos_id: Optional[int] = None,
-                         pad_id: int = 0) -> Moments:
-  """Exact moments of the OPD estimator :func:`estimators.opd_surrogate`.
-
-  ``g(y) = ∇_student`` of the OPD loss on a student response y ~ π. For an
-  unbiased estimator ``mean == +exact_opd_kl_grad(...)`` (the OPD loss is
-  minimised).
-
-  Args:
-    student_fn: ``(params, tokens_NxL) -> logits_NxLxV`` of the student π.
-    student_params: its parameters (the gradient is taken w.r.t. these).
-    teacher_fn: same signature, the frozen teacher q.
-    teacher_params: its parameters.
-    estimator: a name in ``estimators.ALL_ESTIMATORS``.
-    vocab_size: V.
-    length: L.
-    baseline_fn: optional ``(tokens_L, r_t, kl_t, mask_t) -> b_t``.
-    eos_id: optional EOS id (positions after EOS masked, KL_t = 0 there).
-    pad_id: filler after EOS.
-
-  Returns:
-    :class:`Moments` of the OPD loss gradient w.r.t. the student.
-
-  References:
-    DESIGN.md §6, §7.
-  """
-
-  def grad_fn(tokens_L, mask_L):
-
-    def loss(p):
-      logits_s = student_fn(p, tokens_L[None])[0]
-      logits_t = teacher_fn(teacher_params, tokens_L[None])[0]
-      baseline_t = _baseline_from_fn(baseline_fn, logits_s, logits_t,
-                                     tokens_L, mask_L)
-      return est.opd_surrogate(estimator, logits_s, logits_t, tokens_L,
-                               mask_L, baseline_t)
-
-    return jax.grad(loss)(student_params)
-
-  return _moments(grad_fn, student_fn, student_params, vocab_size, length,
-                  eos_id, pad_id)
-
-
-def pair_estimator_moments(per_pair_grad_fn: Callable,
-                           logits_fn: LogitsFn,
-                           params: PyTree,
-                           i: Any,
-                           vocab_size: int,
-                           length: int,
-                           eos_id: Optional[int] = None,
-                           pad_id: int = 0,
-                           chunk_size: int = 4096) -> Moments:
-  """Exact moments of an estimator of N = 2 i.i.d. rollouts, y, y' ~ p_i.
-
-  ``mean = Σ_{y,y'} p_i(y) p_i(y') g(y, y')`` and the total variance
-  ``Σ_{y,y'} p_i(y) p_i(y') ‖g(y, y') − mean‖²`` over all (V^L)² pairs. When
-  the pairs fit in one chunk, g is evaluated once on all of them (``vmap``);
-  otherwise a ``lax.scan`` runs over chunks of ``chunk_size`` pairs, twice
-  (mean, then variance), holding one chunk's gradients at a time.
-
-  Args:
-    per_pair_grad_fn: ``(tokens_2xL, mask_2xL) -> pytree``.
-    logits_fn: ``(params, tokens_NxL, latent) -> logits_NxLxV``.
-    params: parameters of the sampling distribution.
-    i: sampling latent.
-    vocab_size: V.
-    length: L.
-    eos_id: optional EOS id.
-    pad_id: filler after EOS.
-    chunk_size: pairs per vmapped chunk (memory: chunk_size gradients).
-
-  Returns:
-    :class:`Moments`.
-
-  Raises:
-    ValueError: (V^L)² above ``MAX_SEQUENCES``.
-
-  References:
-    DESIGN.md §5.4 (leave-one-out), §7.
-  """
-  num = _check_sizes(vocab_size, length, pairs=True)
-  tokens, mask, canonical = _enumerate(vocab_size, length, eos_id, pad_id)
-  prob = jax.lax.stop_gradient(
-      _probabilities(_bind(logits_fn, i), params, tokens, mask, canonical))
-  num_pairs = num * num
-  chunk_size = max(1, min(chunk_size, num_pairs))
-  num_chunks = -(-num_pairs // chunk_size)
-  pair = np.arange(num_chunks * chunk_size)
-  valid = jnp.asarray(pair < num_pairs).reshape(num_chunks, chunk_size)
-  pair = np.minimum(pair, num_pairs - 1)
-  first = jnp.asarray((pair // num).reshape(num_chunks, chunk_size))
-  second = jnp.asarray((pair % num).reshape(num_chunks, chunk_size))
-
-  def chunk_grads(a, b, ok):
-    toks = jnp.stack([tokens[a], tokens[b]], axis=1)  # [C, 2, L]
-    msks = jnp.stack([mask[a], mask[b]], axis=1)
-    grads = jax.vmap(per_pair_grad_fn)(toks, msks)
-    weight = jnp.where(ok, prob[a] * prob[b], 0.0)
-    return grads, weight
-
-  def weighted_sq_dist(grads, weight, mean):
-    sq = _tree_sq_dist(grads, mean)
-    return jnp.sum(weight.astype(sq.dtype) * sq)
-
-  if num_chunks == 1:
-    grads, weight = chunk_grads(first[0], second[0], valid[0])
-    mean = _tree_vdot(weight, grads)
-    return Moments(mean, weighted_sq_dist(grads, weight, mean))
-
-  def mean_step(carry, xs):
-    grads, weight = chunk_grads(*xs)
-    return jax.tree.map(jnp.add, carry, _tree_vdot(weight, grads)), None
-
-  zeros = jax.tree.map(
-      lambda x: jnp.zeros(x.shape[1:], x.dtype),
-      jax.eval_shape(lambda: chunk_grads(first[0], second[0], valid[0])[0]))
-  mean, _ = jax.lax.scan(mean_step, zeros, (first, second, valid))
-
-  def var_step(carry, xs):
-    return carry + weighted_sq_dist(*chunk_grads(*xs), mean), None
-
-  var0 = jnp.zeros((), jax.tree.leaves(zeros)[0].dtype)
-  variance, _ = jax.lax.scan(var_step, var0, (first, second, valid))
-  return Moments(mean, variance)
-
-
-def leave_one_out_gradient_moments(logits_fn: LogitsFn,
-                                   params: PyTree,
-                                   i: Any,
-                                   j: Any,
-                                   estimator: str,
-                                   vocab_size: int,
-                                   length: int,
-                                   pathwise: bool = True,
-                                   eos_id: Optional[int] = None,
-                                   pad_id: int = 0,
-                                   chunk_size: int = 4096) -> Moments:
-  """Exact moments of a baselined estimator with the N = 2 leave-one-out mean.
-
-  Two rollouts y¹, y² ~ p_i; each is baselined by the other's returns
-  (:func:`estimators.leave_one_out_baseline` on
-  :func:`estimators.estimator_returns`) and the estimator is the mean of the
-  two surrogates' gradients::
-
-    g(y¹, y²) = ∇ ½ Σ_n S(yⁿ; b = R(y^{3−n}))
-
-  Unbiased: mean == −exact_kl_grad. Enumerates (V^L)² pairs.
-
-  Args:
-    logits_fn: ``(params, tokens_NxL, latent) -> logits_NxLxV``.
-    params: model parameters.
-    i: sampling latent.
-    j: target latent.
-    estimator: a name in ``estimators.BASELINED_ESTIMATORS`` (others raise).
-    vocab_size: V.
-    length: L.
-    pathwise: differentiate through p_j.
-    eos_id: optional EOS id.
-    pad_id: filler after EOS.
-    chunk_size: pairs per vmapped chunk.
-
-  Returns:
-    :class:`Moments` of the gradient of the mean surrogate.
-
-  References:
-    DESIGN.md §5.4, §7.
-  """
-  if not est.uses_baseline(estimator):
-    raise ValueError(
-        f"Estimator {estimator!r} takes no baseline; estimators with a "
-        f"baseline: {est.BASELINED_ESTIMATORS}.")
-
-  def grad_fn(tokens_2xL, mask_2xL):
-
-    def loss(p):
-      logits_i = logits_fn(p, tokens_2xL, i)
-      logits_j = logits_fn(p, tokens_2xL, j)
-      terms = jax.vmap(est.per_token_terms)(
-          jax.lax.stop_gradient(logits_i), jax.lax.stop_gradient(logits_j),
-          tokens_2xL)
-      returns = jax.vmap(est.estimator_returns, in_axes=(None, 0, 0, 0))(
-          estimator, terms.logp_score_t - terms.logp_target_t, terms.kl_t,
-          mask_2xL)
-      baseline = est.leave_one_out_baseline(returns, mask_2xL)
-      surrogate = jax.vmap(
-          lambda a, b, y, m, bl: est.sequence_kl_surrogate_from_logits(
-              estimator, a, b, y, m, bl, pathwise))(logits_i, logits_j,
-                                                    tokens_2xL, mask_2xL,
-                                                    baseline)
-      return jnp.mean(surrogate)
-
-    return jax.grad(loss)(params)
-
-  return pair_estimator_moments(grad_fn, logits_fn, params, i, vocab_size,
-                                length, eos_id, pad_id, chunk_size)
-
-
-# ----------------------------------------------------------------------------
 # Sampling and small helpers.
 # ----------------------------------------------------------------------------
 
 
-def sample_sequences(key: Array,
-                     logits_fn: LogitsFn,
-                     params: PyTree,
-                     latent: Any,
-                     vocab_size: int,
-                     length: int,
-                     num_samples: int,
-                     eos_id: Optional[int] = None,
-                     pad_id: int = 0):
+def sample_sequences(key: Array, logits_fn: LogitsFn, params: PyTree, latent: Any,
+                     vocab_size: int, length: int, num_samples: int,
+                     eos_id: Optional[int] = None, pad_id: int = 0):
   """Exact i.i.d. samples from p_k(y) by a categorical over the enumeration.
 
   Args:
@@ -804,12 +439,8 @@ def num_contexts(vocab_size: int, length: int) -> int:
   return sum(vocab_size**t for t in range(length))
 
 
-def init_tabular_params(key: Array,
-                        num_latents: int,
-                        vocab_size: int,
-                        length: int,
-                        scale: float = 1.0,
-                        dtype=None) -> Array:
+def init_tabular_params(key: Array, num_latents: int, vocab_size: int, length: int,
+                        scale: float = 1.0, dtype=None) -> Array:
   """Random logit table for :func:`tabular_logits_fn`.
 
   Args:
@@ -823,7 +454,7 @@ def init_tabular_params(key: Array,
   Returns:
     [K, (V^L − 1)/(V − 1), V] logits.
   """
-  _check_sizes(vocab_size, length)
+  num_sequences(vocab_size, length)
   shape = (num_latents, num_contexts(vocab_size, length), vocab_size)
   return scale * jax.random.normal(key, shape, dtype=dtype)
 

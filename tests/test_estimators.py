@@ -1,10 +1,11 @@
 """Tests for latentdiv/estimators.py against brute-force NumPy references.
 
 The unbiasedness of the estimators is proven by exact enumeration in
-tests/test_oracle.py; here each pure function is checked against an
+tests/test_moments.py; here each pure function is checked against an
 independent loop-based NumPy implementation of its equation, its gradient
 structure (what is and is not stop-gradiented), shapes under jit / no-jit, and
-its errors.
+its errors; :func:`estimators.policy_gradient` is checked against the
+single-sequence surrogates (both signs) and the baselines.
 """
 import functools
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentdiv import baselines
 from latentdiv import estimators as est
 
 L = 5
@@ -73,6 +75,19 @@ class NamesTest(absltest.TestCase):
                        name.endswith("_baseline") or name == "rao_blackwell")
     with self.assertRaisesRegex(ValueError, "allowed"):
       est.uses_baseline("reinforce")
+
+  def test_check_combination(self):
+    for estimator in est.ALL_ESTIMATORS:
+      for baseline in baselines.BASELINES:
+        if baseline == "none" or est.uses_baseline(estimator):
+          est.check_combination(estimator, baseline)
+        else:
+          with self.assertRaisesRegex(ValueError, "takes no baseline"):
+            est.check_combination(estimator, baseline)
+    with self.assertRaisesRegex(ValueError, "allowed"):
+      est.check_combination("reinforce", "none")
+    with self.assertRaisesRegex(ValueError, "allowed"):
+      est.check_combination("rao_blackwell", "batch_mean")
 
 
 class CoefficientsTest(parameterized.TestCase):
@@ -296,128 +311,151 @@ class LogitSurrogatesTest(parameterized.TestCase):
       chex.assert_trees_all_close(shared[1], np.zeros((L, 4)))
 
 
-class LeaveOneOutTest(chex.TestCase):
+def _group(seed, n=3, length=L, vocab=4):
+  """N rollouts of one group: logits of p and q, tokens and masks of lengths 4, 2, 5, ..."""
+  rng = np.random.default_rng(seed)
+  lp = jnp.asarray(rng.normal(size=(n, length, vocab)), jnp.float32)
+  lq = jnp.asarray(rng.normal(size=(n, length, vocab)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, vocab, size=(n, length)), jnp.int32)
+  lengths = [4, 2, 5, 3, 1][:n]
+  mask = jnp.asarray(np.arange(length)[None] < np.array(lengths)[:, None], jnp.float32)
+  return lp, lq, y, mask
+
+
+def _terms(lp, lq, y):
+  return jax.vmap(est.per_token_terms)(lp, lq, y)
+
+
+class PolicyGradientTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_numpy(self):
-    rng = np.random.default_rng(0)
-    n = 4
-    returns = rng.normal(size=(n, L)).astype(np.float32)
-    mask = np.ones((n, L), np.float32)
-    mask[0, 3:] = 0
-    mask[1, 1:] = 0
-    mask[2, 1:] = 0
-    mask[3, 1:] = 0  # Position 1.. is valid only in rollout 0 (partly).
-    got = self.variant(est.leave_one_out_baseline)(returns, mask)
-    chex.assert_shape(got, (n, L))
-    want = np.zeros((n, L))
-    for i in range(n):
-      for t in range(L):
-        others = [returns[m, t] for m in range(n) if m != i and mask[m, t]]
-        want[i, t] = np.mean(others) if others else 0.0
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  @parameterized.parameters(*[
+      (e, pathwise, b) for e in est.ALL_ESTIMATORS for pathwise in (True, False)
+      for b in ("none", "jsd", "ema") if b == "none" or est.uses_baseline(e)])
+  def test_equals_the_single_sequence_surrogate(self, estimator, pathwise, baseline):
+    lp, lq, y, mask = _group(0)
+    rng = np.random.default_rng(1)
+    value = {"none": None, "jsd": jnp.asarray(rng.normal(size=(3, L)), jnp.float32),
+             "ema": jnp.asarray(rng.normal(size=(L,)), jnp.float32)}[baseline]
+    fn = self.variant(functools.partial(est.policy_gradient, estimator,
+                                        baseline=baseline, pathwise=pathwise))
+    new = lambda a, q: fn(_terms(a, q if pathwise else jax.lax.stop_gradient(q), y),  # noqa: E731
+                          mask, baseline_value=value).loss
+    b_NxL = None if value is None else jnp.broadcast_to(value, mask.shape)
 
-  def test_two_rollouts_swap(self):
-    returns = jnp.array([[1.0, 2.0], [3.0, 5.0]])
-    got = est.leave_one_out_baseline(returns, jnp.ones((2, 2)))
-    np.testing.assert_allclose(got, returns[::-1])
+    def old(a, q):  # The single-sequence surrogate, a loss of −∇D: the opposite sign.
+      return jnp.stack([est.sequence_kl_surrogate_from_logits(
+          estimator, a[n], q[n], y[n], mask[n], None if b_NxL is None else b_NxL[n],
+          pathwise) for n in range(3)])
 
-  def test_no_gradient(self):
-    returns = jnp.ones((3, L))
-    g = jax.grad(lambda x: est.leave_one_out_baseline(x, jnp.ones(
-        (3, L))).sum())(returns)
-    chex.assert_trees_all_close(g, np.zeros((3, L)))
+    got = new(lp, lq)
+    chex.assert_shape(got, (3,))
+    np.testing.assert_allclose(got, -old(lp, lq), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda a, q: jnp.sum(new(a, q)), argnums=(0, 1))(lp, lq)
+    want = jax.grad(lambda a, q: -jnp.sum(old(a, q)), argnums=(0, 1))(lp, lq)
+    chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*est.ALL_ESTIMATORS)
+  def test_opd_equals_opd_surrogate(self, estimator):
+    lp, lq, y, mask = _group(2)
+    b = np.linspace(0.0, 1.0, L, dtype=np.float32) if est.uses_baseline(estimator) else None
+    kind = "ema" if b is not None else "none"
+
+    def loss(lp):
+      terms = _terms(lp, jax.lax.stop_gradient(lq), y)
+      return self.variant(functools.partial(
+          est.policy_gradient, estimator, baseline=kind, pathwise=False))(
+              terms, mask, baseline_value=b).loss
+
+    old = lambda lp: jax.vmap(lambda a, q, t, m: est.opd_surrogate(  # noqa: E731
+        estimator, a, q, t, m, b))(lp, lq, y, mask)
+    np.testing.assert_allclose(loss(lp), old(lp), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.grad(lambda a: loss(a).sum())(lp),
+                                jax.grad(lambda a: old(a).sum())(lp), rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*est.ALL_ESTIMATORS)
+  def test_returns_baseline_and_r_t(self, estimator):
+    lp, lq, y, mask = _group(3)
+    terms = _terms(lp, lq, y)
+    baseline = "leave_one_out" if est.uses_baseline(estimator) else "none"
+    out = self.variant(functools.partial(est.policy_gradient, estimator,
+                                         baseline=baseline))(terms, mask)
+    chex.assert_shape([out.returns, out.baseline, out.r_t], (3, L))
+    r = np.asarray(terms.logp_score_t - terms.logp_target_t) * np.asarray(mask)
+    np.testing.assert_allclose(out.r_t, r, rtol=1e-6, atol=1e-7)
+    for n in range(3):
+      np.testing.assert_allclose(
+          out.returns[n], _np_coefficients(estimator, r[n], terms.kl_t[n], mask[n]),
+          rtol=1e-5, atol=1e-5)
+    want_b = (np.asarray(baselines.leave_one_out_baseline(out.returns, mask)) * mask
+              if baseline == "leave_one_out" else np.zeros((3, L)))
+    np.testing.assert_allclose(out.baseline, want_b, rtol=1e-6, atol=1e-7)
+    # Nothing but the loss carries a gradient.
+    for field in ("returns", "baseline", "r_t"):
+      g = jax.grad(lambda a, f=field: jnp.sum(getattr(est.policy_gradient(
+          estimator, _terms(a, lq, y), mask, baseline=baseline), f)))(lp)
+      chex.assert_trees_all_close(g, np.zeros_like(lp))
+
+  def test_leave_one_out_is_the_others_mean(self):
+    lp, lq, y, mask = _group(4, n=2)
+    terms = _terms(lp, lq, y)
+    out = est.policy_gradient("kl_to_go_baseline", terms, mask, baseline="leave_one_out")
+    both = (mask[0] * mask[1])[None]  # Positions scored in both rollouts swap returns.
+    np.testing.assert_allclose(out.baseline * both, out.returns[::-1] * both, rtol=1e-6)
+    # Rollout n's loss is that of the single-sequence surrogate with the other's returns.
+    for n in range(2):
+      want = -est.sequence_kl_surrogate("kl_to_go_baseline", *[t[n] for t in terms],
+                                        mask[n], out.baseline[n])
+      np.testing.assert_allclose(out.loss[n], want, rtol=1e-5)
+
+  def test_given_values_broadcast_and_are_masked(self):
+    lp, lq, y, mask = _group(5)
+    terms = _terms(lp, lq, y)
+    for value in (jnp.float32(0.7), jnp.arange(L, dtype=jnp.float32),
+                  jnp.ones((3, L)), jnp.ones((3, 1))):
+      out = est.policy_gradient("rao_blackwell", terms, mask, baseline="ema",
+                                baseline_value=value)
+      np.testing.assert_allclose(out.baseline,
+                                 np.broadcast_to(np.asarray(value), (3, L)) * mask)
+
+  def test_single_rollout_and_baselined_estimator_without_baseline(self):
+    lp, lq, y, mask = _group(6, n=1)
+    terms = _terms(lp, lq, y)
+    a = est.policy_gradient("kl_to_go_baseline", terms, mask)
+    b = est.policy_gradient("kl_to_go", terms, mask)
+    chex.assert_trees_all_close(a, b)
+    chex.assert_shape(a.loss, (1,))
 
   def test_errors(self):
+    lp, lq, y, mask = _group(7)
+    terms = _terms(lp, lq, y)
+    pg = est.policy_gradient
+    with self.assertRaisesRegex(ValueError, "allowed"):
+      pg("reinforce", terms, mask)
+    with self.assertRaisesRegex(ValueError, "allowed"):
+      pg("rao_blackwell", terms, mask, baseline="batch_mean")
+    for baseline in ("leave_one_out", "ema", "jsd"):
+      with self.assertRaisesRegex(ValueError, "takes no baseline"):
+        pg("kl_to_go", terms, mask, baseline=baseline, baseline_value=jnp.ones(L))
+    for baseline in ("ema", "jsd"):
+      with self.assertRaisesRegex(ValueError, "baseline_value is required"):
+        pg("rao_blackwell", terms, mask, baseline=baseline)
+    for baseline in ("none", "leave_one_out"):
+      with self.assertRaisesRegex(ValueError, "not accepted otherwise"):
+        pg("rao_blackwell", terms, mask, baseline=baseline, baseline_value=jnp.ones(L))
+    with self.assertRaisesRegex(ValueError, "does not broadcast"):
+      pg("rao_blackwell", terms, mask, baseline="jsd", baseline_value=jnp.ones((2, L)))
+    with self.assertRaisesRegex(ValueError, "does not broadcast"):
+      pg("rao_blackwell", terms, mask, baseline="ema", baseline_value=jnp.ones((1, 3, L)))
     with self.assertRaisesRegex(ValueError, "N >= 2"):
-      est.leave_one_out_baseline(jnp.ones((1, L)), jnp.ones((1, L)))
-    with self.assertRaisesRegex(ValueError, "returns_NxL, mask_NxL"):
-      est.leave_one_out_baseline(jnp.ones((2, L)), jnp.ones((2, L + 1)))
-    with self.assertRaisesRegex(ValueError, "returns_NxL, mask_NxL"):
-      est.leave_one_out_baseline(jnp.ones((L,)), jnp.ones((L,)))
-
-
-class EmaAndControlVariateTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_ema_update(self):
-    got = self.variant(functools.partial(est.ema_update, decay=0.9))(
-        jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0]))
-    np.testing.assert_allclose(got, [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1],
-                               rtol=1e-6)
-    with self.assertRaisesRegex(ValueError, "ema, value"):
-      est.ema_update(jnp.zeros(2), jnp.zeros(3), 0.9)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_jsd_control_variate(self):
-    j = jnp.array([0.5, 0.3, 0.1])
-    got = self.variant(est.jsd_control_variate)(jnp.float32(2.0), j)
-    np.testing.assert_allclose(got, 2.0 * np.asarray(j), rtol=1e-6)
-    g = jax.grad(lambda c: est.jsd_control_variate(c, j).sum())(1.0)
-    self.assertEqual(float(g), 0.0)
-    with self.assertRaisesRegex(ValueError, "c"):
-      est.jsd_control_variate(jnp.ones(2), j)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_fit_first_batch_is_least_squares(self):
-    rng = np.random.default_rng(0)
-    jsd = rng.uniform(size=(6, L)).astype(np.float32)
-    ret = (2.0 * jsd + 0.3 * rng.normal(size=(6, L))).astype(np.float32)
-    mask = (rng.uniform(size=(6, L)) < 0.8).astype(np.float32)
-    fit = self.variant(
-        functools.partial(est.fit_control_variate_coefficient, decay=0.9))
-    state, c = fit(est.init_control_variate_state(), ret, jsd, mask=mask)
-    chex.assert_shape(c, ())
-    w = mask.ravel().astype(bool)
-    r, j = ret.ravel()[w], jsd.ravel()[w]
-    want = np.mean((r - r.mean()) * (j - j.mean())) / np.var(j)
-    np.testing.assert_allclose(c, want, rtol=1e-4)
-    self.assertEqual(int(state.count), 1)
-
-  def test_fit_ema_over_batches(self):
-    rng = np.random.default_rng(1)
-    decay = 0.8
-    state = est.init_control_variate_state(jnp.float32)
-    moments = np.zeros(4)
-    for k in range(1, 4):
-      j = rng.uniform(size=32)
-      r = -1.5 * j + 0.1 * rng.normal(size=32) + k
-      state, c = est.fit_control_variate_coefficient(state, r, j, decay)
-      moments = decay * moments + (1 - decay) * np.array(
-          [r.mean(), j.mean(), (r * j).mean(), (j * j).mean()])
-    m = moments / (1 - decay**3)
-    want = (m[2] - m[0] * m[1]) / (m[3] - m[1]**2)
-    np.testing.assert_allclose(c, want, rtol=1e-3)
-    np.testing.assert_allclose(
-        est.control_variate_coefficient(state, decay), c, rtol=1e-6)
-
-  def test_fit_degenerate(self):
-    self.assertEqual(
-        float(est.control_variate_coefficient(est.init_control_variate_state(),
-                                              0.9)), 0.0)
-    _, c = est.fit_control_variate_coefficient(
-        est.init_control_variate_state(), jnp.arange(4.0), jnp.ones(4), 0.9)
-    self.assertEqual(float(c), 0.0)  # Var(Ĵ) = 0.
-    with self.assertRaisesRegex(ValueError, "returns, jsd_values"):
-      est.fit_control_variate_coefficient(est.init_control_variate_state(),
-                                          jnp.ones(3), jnp.ones(4), 0.9)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_explained_variance(self):
-    rng = np.random.default_rng(2)
-    ret = rng.normal(size=(4, L))
-    base = 0.8 * ret + 0.1 * rng.normal(size=(4, L))
-    mask = (rng.uniform(size=(4, L)) < 0.7).astype(np.float64)
-    fn = self.variant(est.explained_variance)
-    w = mask.astype(bool)
-    want = 1 - np.var((ret - base)[w]) / np.var(ret[w])
-    np.testing.assert_allclose(fn(ret, base, mask), want, rtol=1e-4)
-    np.testing.assert_allclose(fn(ret, ret), 1.0, atol=1e-6)
-    np.testing.assert_allclose(fn(ret, np.full_like(ret, 3.0)), 0.0,
-                               atol=1e-5)
-    self.assertEqual(float(fn(np.ones(3), np.zeros(3))), 0.0)
-    with self.assertRaisesRegex(ValueError, "returns, baseline"):
-      est.explained_variance(jnp.ones(3), jnp.ones(2))
+      pg("rao_blackwell", jax.tree.map(lambda a: a[:1], terms), mask[:1],
+         baseline="leave_one_out")
+    with self.assertRaisesRegex(ValueError, "mask_NxL"):
+      pg("trajectory", terms, mask[:, :-1])
+    with self.assertRaisesRegex(ValueError, "mask_NxL"):
+      pg("trajectory", jax.tree.map(lambda a: a[0], terms), mask[0])
 
 
 if __name__ == "__main__":
