@@ -11,6 +11,7 @@ Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
 * ``latentdiv.estimators`` / ``latentdiv.baselines`` — policy-gradient
   estimators of a sequence KL's gradient and their baselines (§5.3–5.4, §6)
 * ``latentdiv.sequence_term`` — the sequence-level inter-latent term (§5)
+* ``latentdiv.opd`` — on-policy distillation losses (§6)
 * ``latentdiv.oracle`` — exact enumeration: exact KL, gradients, estimator
   mean and variance on tiny vocabularies (§7)
 * ``latentdiv.payoff`` / ``latentdiv.edits`` / ``latentdiv.raml`` — exponentiated-payoff
@@ -34,6 +35,7 @@ from latentdiv import logprobs
 from latentdiv import metrics
 from latentdiv import model
 from latentdiv import objectives
+from latentdiv import opd
 from latentdiv import oracle
 from latentdiv import payoff
 from latentdiv import raml

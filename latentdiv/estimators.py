@@ -166,8 +166,47 @@ def reverse_cumsum(x_t: Array) -> Array:
   return jnp.flip(jnp.cumsum(jnp.flip(x_t, axis=-1), axis=-1), axis=-1)
 
 
+def discounted_sum_to_go(x_t: Array, discount) -> Array:
+  """``out_t = Σ_{t'≥t} γ^{t'−t} x_t'`` along the last axis (γ = 1: :func:`reverse_cumsum`).
+
+  Args:
+    x_t: [..., L] values.
+    discount: γ ∈ [0, 1] (a Python float or a scalar array); γ = 0 gives x_t.
+
+  Returns:
+    [..., L] discounted sums to go (one [L, L] matrix product; 0^0 = 1).
+
+  References:
+    DESIGN.md §6.4 (discounted future terms).
+  """
+  length = x_t.shape[-1]
+  t = jnp.arange(length)
+  gap = t[None, :] - t[:, None]  # t' − t
+  weights = jnp.where(gap >= 0, jnp.power(jnp.asarray(discount, x_t.dtype),
+                                          jnp.maximum(gap, 0)), 0.0).astype(x_t.dtype)
+  return jnp.einsum("st,...t->...s", weights, x_t)
+
+
+def check_variant(estimator: str, discount=1.0, length_normalize: bool = False) -> None:
+  """ValueError unless (``discount``, ``length_normalize``) apply to ``estimator``.
+
+  The discount and the length normalisation act on the future terms of the
+  to-go estimators (``reward_to_go*``, ``kl_to_go*``, ``rao_blackwell``);
+  ``trajectory`` has no per-position future and ``per_token_reward`` none at
+  all.
+  """
+  _check_estimator(estimator)
+  if isinstance(discount, bool) or not isinstance(discount, (int, float)) or not (
+      0.0 <= discount <= 1.0):
+    raise ValueError(f"discount must be a number in [0, 1], got {discount!r}.")
+  if (discount != 1.0 or length_normalize) and estimator in (TRAJECTORY, PER_TOKEN_REWARD):
+    raise ValueError(
+        f"discount < 1 and length_normalize apply to the to-go estimators "
+        f"{tuple(e for e in ESTIMATORS if e != TRAJECTORY)}, not {estimator!r}.")
+
+
 def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
-                      mask_t: Array) -> Array:
+                      mask_t: Array, discount=1.0, length_normalize: bool = False) -> Array:
   """The coefficient ``A_t`` of an estimator before any baseline.
 
   This is also the quantity a baseline ``b(c_t)`` of that estimator should
@@ -183,12 +222,23 @@ def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
   where ``V(c_t) = E[Σ_{t'≥t} KL_t' | c_t]`` is the expected KL to go from c_t.
   Inputs are stop-gradiented; masked positions are 0.
 
+  The practitioners' variants (DESIGN.md §6.4) change the FUTURE part
+  (t' > t) of the to-go estimators: a discount weights term t' by γ^{t'−t}
+  (γ = 1: the unbiased estimator; γ = 0: the current step alone, i.e.
+  ``per_token_reward`` for the ``reward_to_go``/``kl_to_go`` forms and the
+  exact single-step ∇KL_t term alone for ``rao_blackwell``), and the length
+  normalisation of MiniLLM divides it by the number of scored positions
+  after t. Both are BIASED for ∇KL(p ‖ q) unless γ = 1 and no normalisation.
+
   Args:
     estimator: a name in :data:`ALL_ESTIMATORS`.
     r_t: [L] log-ratios ``log p(y_t|c_t) − log q(y_t|c_t)`` at the sampled
       tokens.
     kl_t: [L] exact per-step ``KL(p(·|c_t) ‖ q(·|c_t))``.
     mask_t: [L] 1 at scored positions, 0 elsewhere (bool or float).
+    discount: γ ∈ [0, 1] on the future terms (to-go estimators only).
+    length_normalize: divide the future terms by the number of scored
+      positions after t (MiniLLM's normalisation; to-go estimators only).
 
   Returns:
     [L] returns, zero at masked positions, no gradient.
@@ -199,17 +249,28 @@ def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
   References:
     DESIGN.md §5.3, §5.4.
   """
-  _check_estimator(estimator)
+  check_variant(estimator, discount, length_normalize)
   _assert_rank([r_t, kl_t, mask_t], 1, "r_t, kl_t, mask_t")
   _assert_equal_shape([r_t, kl_t, mask_t], "r_t, kl_t, mask_t")
   mask_t = mask_t.astype(r_t.dtype)
   r_t = jax.lax.stop_gradient(r_t) * mask_t
   kl_t = jax.lax.stop_gradient(kl_t).astype(r_t.dtype) * mask_t
-  kl_after_t = reverse_cumsum(kl_t) - kl_t  # Σ_{t'>t} KL_t'.
+
+  def future(x_t):  # Σ_{t'>t} γ^{t'−t} x_t' (÷ the number of scored t' > t).
+    if discount == 1.0:
+      after = reverse_cumsum(x_t) - x_t
+    else:
+      after = discounted_sum_to_go(x_t, discount) - x_t
+    if length_normalize:
+      after = after / jnp.maximum(reverse_cumsum(mask_t) - mask_t, 1.0)
+    return after
+
+  kl_after_t = future(kl_t)  # Σ_{t'>t} KL_t'.
   if estimator == TRAJECTORY:
     returns_t = jnp.broadcast_to(jnp.sum(r_t), r_t.shape)
   elif estimator in (REWARD_TO_GO, REWARD_TO_GO_BASELINE):
-    returns_t = reverse_cumsum(r_t)
+    plain = discount == 1.0 and not length_normalize
+    returns_t = reverse_cumsum(r_t) if plain else r_t + future(r_t)
   elif estimator in (KL_TO_GO, KL_TO_GO_BASELINE):
     returns_t = r_t + kl_after_t
   elif estimator == RAO_BLACKWELL:
@@ -268,12 +329,13 @@ def per_token_coefficients(estimator: str, r_t: Array, kl_t: Array, mask_t: Arra
 
 def _sequence_policy_gradient(estimator: str, terms: PerTokenTerms,
                               mask_t: Array, baseline_t: Array,
-                              pathwise: bool) -> PolicyGradient:
+                              pathwise: bool, discount=1.0,
+                              length_normalize: bool = False) -> PolicyGradient:
   """:func:`policy_gradient` of ONE sequence ([L] terms, [L] valid baseline)."""
   logp_t, logq_t, kl_t = terms
   mask_t = mask_t.astype(logp_t.dtype)
   r_t = jax.lax.stop_gradient(logp_t - logq_t) * mask_t
-  returns_t = estimator_returns(estimator, r_t, kl_t, mask_t)
+  returns_t = estimator_returns(estimator, r_t, kl_t, mask_t, discount, length_normalize)
   baseline_t = jax.lax.stop_gradient(baseline_t).astype(returns_t.dtype) * mask_t
   coeff_t = returns_t - baseline_t
   loss = jnp.sum(coeff_t * logp_t * mask_t)  # Score term Σ_t sg(A_t) log p.
@@ -286,7 +348,8 @@ def _sequence_policy_gradient(estimator: str, terms: PerTokenTerms,
 
 def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
                     baseline: str = "none", baseline_value: Optional[Array] = None,
-                    pathwise: bool = True) -> PolicyGradient:
+                    pathwise: bool = True, discount=1.0,
+                    length_normalize: bool = False) -> PolicyGradient:
   """Per-rollout surrogate losses whose gradients estimate ``+∇KL(p ‖ q)``.
 
   For N rollouts ``yⁿ ~ p`` of the same group (prompt x, latent pair (i, j))::
@@ -317,6 +380,9 @@ def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
     baseline_value: the value of an ``ema`` / ``jsd`` baseline (None
       otherwise). It must not depend on y_t or later tokens of its rollout.
     pathwise: include the pathwise term (q depends on θ: the inter-latent KL).
+    discount: γ ∈ [0, 1] on the future terms (:func:`estimator_returns`;
+      γ < 1 is biased).
+    length_normalize: MiniLLM's normalisation of the future terms (biased).
 
   Returns:
     :class:`PolicyGradient` (loss [N]; returns, baseline, r_t [N, L]).
@@ -331,6 +397,7 @@ def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
     & Baxter (2004) for baselines.
   """
   check_combination(estimator, baseline)
+  check_variant(estimator, discount, length_normalize)
   names = "terms.logp_score_t, terms.logp_target_t, terms.kl_t, mask_NxL"
   arrays = [*terms, mask_NxL]
   _assert_rank(arrays, 2, names)
@@ -343,8 +410,9 @@ def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
   dtype = jnp.result_type(terms.logp_score_t.dtype, jnp.float32)
   if baseline == baselines.LEAVE_ONE_OUT:
     r_NxL = jax.lax.stop_gradient(terms.logp_score_t - terms.logp_target_t)
-    returns = jax.vmap(functools.partial(estimator_returns, estimator))(
-        r_NxL, terms.kl_t, mask_NxL)
+    returns = jax.vmap(functools.partial(
+        estimator_returns, estimator, discount=discount,
+        length_normalize=length_normalize))(r_NxL, terms.kl_t, mask_NxL)
     baseline_NxL = baselines.leave_one_out_baseline(returns, mask_NxL)
   elif baseline_value is not None:
     value = jnp.asarray(baseline_value, dtype)
@@ -359,8 +427,8 @@ def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
     baseline_NxL = jnp.broadcast_to(value, mask_NxL.shape)
   else:
     baseline_NxL = jnp.zeros(mask_NxL.shape, dtype)
-  one = functools.partial(_sequence_policy_gradient, estimator,
-                          pathwise=pathwise)
+  one = functools.partial(_sequence_policy_gradient, estimator, pathwise=pathwise,
+                          discount=discount, length_normalize=length_normalize)
   return jax.vmap(one)(PerTokenTerms(*terms), mask_NxL, baseline_NxL)
 
 

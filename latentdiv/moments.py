@@ -223,7 +223,8 @@ def policy_gradient_estimates(score_fn: ModelFn, target_fn: ModelFn, params: PyT
                               tokens_NxL: Array, mask_NxL: Array,
                               combos: Sequence[tuple[str, str]],
                               values_CxNxL: Optional[Array] = None,
-                              pathwise: bool = True) -> Array:
+                              pathwise: bool = True, discount=1.0,
+                              length_normalize: bool = False) -> Array:
   """Flattened gradients of each rollout's ``policy_gradient`` loss.
 
   For N rollouts of one group and each (estimator, baseline) combination c::
@@ -251,6 +252,8 @@ def policy_gradient_estimates(score_fn: ModelFn, target_fn: ModelFn, params: PyT
     values_CxNxL: [C, N, L] the values of ``ema`` / ``jsd`` baselines (rows
       of the other combinations are ignored).
     pathwise: differentiate through q (else q's logits are stop-gradiented).
+    discount, length_normalize: the variants of ``estimators.policy_gradient``
+      (applied to every combination).
 
   Returns:
     [N, C, P] gradients, flattened like ``ravel_pytree(params)``.
@@ -268,7 +271,7 @@ def policy_gradient_estimates(score_fn: ModelFn, target_fn: ModelFn, params: PyT
              else None)
     return jnp.sum(est.policy_gradient(
         estimator, terms, mask_NxL, baseline=baseline, baseline_value=value,
-        pathwise=pathwise).loss)
+        pathwise=pathwise, discount=discount, length_normalize=length_normalize).loss)
 
   logits = (score_fn(params, tokens_NxL), target_fn(params, tokens_NxL))
   cots = [jax.grad(functools.partial(total_loss, c), argnums=(0, 1))(*logits)
@@ -364,7 +367,8 @@ def pair_estimator_moments(per_pair_grad_fn: Callable, logits_fn: LogitsFn,
 
 def _policy_gradient_moments(score_fn, target_fn, params, estimator, vocab_size,
                              length, baseline, baseline_fn, pathwise, sign,
-                             eos_id, pad_id, chunk_size):
+                             eos_id, pad_id, chunk_size, discount=1.0,
+                             length_normalize=False):
   """Moments of ``sign · g`` with g from :func:`policy_gradient_estimates`."""
   if baseline is None:
     baseline = baselines.NONE if baseline_fn is None else baselines.JSD
@@ -392,7 +396,8 @@ def _policy_gradient_moments(score_fn, target_fn, params, estimator, vocab_size,
               tokens_NxL, r, terms.kl_t * m, m, mask_NxL)[None]
     return sign * jnp.mean(policy_gradient_estimates(
         score_fn, target_fn, params, tokens_NxL, mask_NxL,
-        ((estimator, baseline),), values, pathwise), axis=0, keepdims=True)
+        ((estimator, baseline),), values, pathwise, discount, length_normalize),
+        axis=0, keepdims=True)
 
   return _moments(flat_fn, support, params, chunk_size)
 
@@ -474,7 +479,8 @@ def opd_gradient_moments(student_fn: ModelFn, student_params: PyTree,
                          baseline_fn: Optional[Callable] = None,
                          eos_id: Optional[int] = None, pad_id: int = 0, *,
                          baseline: Optional[str] = None,
-                         chunk_size: int = 4096) -> Moments:
+                         chunk_size: int = 4096, discount=1.0,
+                         length_normalize: bool = False) -> Moments:
   """Exact moments of the OPD estimator (``estimators.opd_surrogate``).
 
   ``g(y) = ∇_student policy_gradient(..., pathwise=False).loss`` on student
@@ -495,6 +501,8 @@ def opd_gradient_moments(student_fn: ModelFn, student_params: PyTree,
     pad_id: filler after EOS.
     baseline: see :func:`estimator_gradient_moments`.
     chunk_size: items per vmapped chunk.
+    discount, length_normalize: the practitioners' variants of
+      ``estimators.policy_gradient`` (biased unless 1 and False; DESIGN.md §6.4).
 
   Returns:
     :class:`Moments` of the OPD loss gradient w.r.t. the student.
@@ -505,4 +513,5 @@ def opd_gradient_moments(student_fn: ModelFn, student_params: PyTree,
   teacher = lambda p, y: jax.lax.stop_gradient(teacher_fn(teacher_params, y))  # noqa: E731
   return _policy_gradient_moments(
       student_fn, teacher, student_params, estimator, vocab_size, length,
-      baseline, baseline_fn, False, 1.0, eos_id, pad_id, chunk_size)
+      baseline, baseline_fn, False, 1.0, eos_id, pad_id, chunk_size, discount,
+      length_normalize)

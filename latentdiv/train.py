@@ -219,7 +219,9 @@ def init_state(setup: Setup, objective: Objective) -> TrainState:
   params = objective.initial_params(state.params)
   if params is not state.params:  # e.g. a student checkpoint: a fresh optimiser state for it.
     state = state.replace(params=params, opt_state=setup.optimizer.init(params))
-  return state
+  # Committed to the device, like every later state (and a restored teacher): the
+  # step then compiles once, not once for this state and again for its outputs.
+  return jax.device_put(state, jax.local_devices()[0])
 
 
 def data_key(config) -> jax.Array:

@@ -128,37 +128,36 @@ class ScaleCasesTest(absltest.TestCase):
     self.assertEqual({(s, b) for s, _, b in full["lower_bounds"]},
                      {("small", bench.TRAIN_BATCH["small"]),
                       ("medium", bench.TRAIN_BATCH["medium"])})
-    self.assertEqual({n for p, _, n in full["lengths"] if p == "seq_step"},
-                     set(bench.LONG_LENGTHS))
+    self.assertEqual(full["lengths"], [("rollout", "small", bench.LONG_LENGTHS),
+                                       ("seq_step", "small", bench.LONG_LENGTHS)])
     quick = bench.plan("quick", ["small"])
     self.assertEqual({(c, v, k, timed) for c, _, _, _, v, k, timed in quick["vocab"]},
                      {("seq", bench.HEADLINE_V, 4, False), ("seq", bench.HEADLINE_V, 8, False)})
     self.assertLen(quick["lower_bounds"], 1)
     lengths = bench.plan("lengths", ["small"])
     self.assertEqual((lengths["rollouts"], lengths["trains"]), ([], []))
-    self.assertIn(("rollout_long_cache", "small", min(bench.LONG_LENGTHS)), lengths["lengths"])
+    self.assertEqual(lengths["lengths"], full["lengths"])
 
-  def test_vocabulary_and_fixed_prompt_configs_build(self):
+  def test_vocabulary_and_long_configs_build(self):
     setup, _ = experiment.build(bench_steps.train_config(
         "small", 64, 8, **bench_steps.SEQ_STEP, **bench_steps.vocab_overrides(32768, 8)))
     self.assertEqual(setup.model.config.vocab_size, 32768)
     self.assertEqual(setup.model.config.num_latents, 8)
     self.assertEqual(setup.task.target_len, 64)
     self.assertEqual(setup.config.objective.lambda_jsd, 0.0)
-    setup, _ = experiment.build(bench_steps.train_config(
-        "small", 512, 8, **bench_steps.fixed_prompt_overrides(512, 8)))
-    self.assertEqual((setup.task.prompt_len, setup.task.target_len), (8, 512))
+    setup, _ = experiment.build(bench_steps.train_config("small", 512, 8, **bench_steps.SEQ_STEP))
+    self.assertEqual((setup.task.prompt_len, setup.task.target_len), (256, 512))
     with self.assertRaisesRegex(ValueError, "vocab_size"):
       bench_steps.vocab_overrides(3, 4)
-    with self.assertRaisesRegex(ValueError, "prompt_len"):
-      bench_steps.fixed_prompt_overrides(8, 7)
 
   def test_decode_bytes_count_parameters_and_the_whole_cache(self):
     cfg = bench_rollouts.model_config("tiny", 4, 8)
     params = jax.eval_shape(lambda: model_lib.init_params(model_lib.LatentTransformer(cfg),
                                                           jax.random.PRNGKey(0)))
     got = bench_steps.decode_bytes_per_step(cfg, params, rows=6)
-    self.assertEqual(got["param_bytes"], 4 * bench_util.param_count(params))
+    tables = (cfg.vocab_size + cfg.max_len + cfg.num_latents) * cfg.d_model  # Gathered.
+    self.assertEqual(got["param_bytes"],
+                     4 * (bench_util.param_count(params) - tables + 3 * 6 * cfg.d_model))
     self.assertEqual(got["cache_bytes"], 2 * cfg.num_layers * 6 * cfg.max_len * cfg.d_model * 4)
     self.assertEqual(got["bytes_per_decode_step"], got["param_bytes"] + got["cache_bytes"])
 
@@ -171,6 +170,15 @@ class ScaleCasesTest(absltest.TestCase):
     full, _ = bench_util.compile_fn(loss, params)
     fast, _ = bench_util.compile_fn(loss, params, memory_only=True)
     self.assertEqual(bench_util.peak_memory_bytes(full), bench_util.peak_memory_bytes(fast))
+
+  def test_rollout_length_case_times_each_length_and_the_long_cache(self):
+    records = bench_rollouts.rollout_length_case("tiny", (4, 8), 2, repeats=1,
+                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0)
+    self.assertEqual([(r["program"], r["L"], r["M"]) for r in records],
+                     [("rollout", 4, 8), ("rollout", 8, 12), ("rollout_long_cache", 4, 12)])
+    for r in records:
+      self.assertEqual(r["kind"], "length")
+      self.assertAlmostEqual(r["per_token_s"], r["median_s"] / (2 * r["K"] * r["L"]))
 
   def test_headline_reads_memory_bound_and_length_records(self):
     def vocab(case, v, k, mem):
@@ -212,7 +220,7 @@ class ScaleCasesTest(absltest.TestCase):
                 load_end="0", matmul_n=512)
     table = bench.markdown(records, {k: v for k, v in headline.items() if k != "kind"}, meta)
     for heading in ("## Realistic vocabularies", "## Sequence-level step over its lower bound",
-                    "## Growth with length (prompt of fixed length)"):
+                    "## Growth with length (L = 32, 128, 512)"):
       self.assertIn(heading, table)
 
 
@@ -281,6 +289,12 @@ class TrainCasesTest(absltest.TestCase):
       self.assertGreater(record["median_s"], 0.0)
       self.assertGreater(record["flops_analytic"], 0.0)
       self.assertBetween(record["flops_xla"] / record["flops_analytic"], 0.5, 1.5)
+
+  def test_seq_length_case_runs_each_length(self):
+    records = bench_steps.seq_length_case("tiny", (4, 8), 2, repeats=1, peak_gflops=1.0,
+                                          budget_s=0.0)
+    self.assertEqual([(r["L"], r["P"], r["M"]) for r in records], [(4, 2, 6), (8, 4, 12)])
+    self.assertTrue(all(r["median_s"] > 0 for r in records))
 
   def test_vocab_cases_compile_abstractly_for_memory(self):
     # OPD's teacher and the states as ShapeDtypeStructs: compiled, never run.

@@ -458,5 +458,46 @@ class PolicyGradientTest(parameterized.TestCase):
       pg("trajectory", jax.tree.map(lambda a: a[0], terms), mask[0])
 
 
+class DiscountTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_discounted_sum_to_go_matches_a_loop(self):
+    x = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
+    for gamma in (0.0, 0.3, 1.0):
+      got = self.variant(est.discounted_sum_to_go, static_argnums=1)(x, gamma)
+      want = np.zeros_like(x)
+      for t in range(5):
+        want[:, t] = sum(gamma ** (u - t) * x[:, u] for u in range(t, 5))
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def test_returns_under_a_discount(self):
+    rng = np.random.default_rng(1)
+    r, kl = (jnp.asarray(rng.normal(size=4), jnp.float32) for _ in range(2))
+    mask = jnp.asarray([1, 1, 1, 0], jnp.float32)
+    g = 0.5
+    got = est.estimator_returns("kl_to_go", r, kl, mask, discount=g)
+    rm, klm = np.asarray(r * mask), np.asarray(kl * mask)
+    want = [rm[t] + sum(g ** (u - t) * klm[u] for u in range(t + 1, 4)) for t in range(4)]
+    np.testing.assert_allclose(got, np.asarray(want) * np.asarray(mask), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(est.estimator_returns("kl_to_go", r, kl, mask, discount=0.0),
+                               est.estimator_returns("per_token_reward", r, kl, mask), atol=1e-7)
+    np.testing.assert_allclose(est.estimator_returns("rao_blackwell", r, kl, mask, discount=0.0),
+                               0.0, atol=1e-7)
+    # Length normalisation divides the future by the number of scored positions after t.
+    got = est.estimator_returns("kl_to_go", r, kl, mask, length_normalize=True)
+    after = np.array([2, 1, 0, 0], np.float32)
+    want = [rm[t] + (klm[t + 1:].sum() / max(after[t], 1.0)) for t in range(4)]
+    np.testing.assert_allclose(got, np.asarray(want) * np.asarray(mask), rtol=1e-5, atol=1e-6)
+
+  def test_variant_errors(self):
+    r = jnp.zeros(3)
+    with self.assertRaisesRegex(ValueError, "discount must be a number in"):
+      est.estimator_returns("kl_to_go", r, r, r, discount=1.5)
+    with self.assertRaisesRegex(ValueError, "apply to the to-go estimators"):
+      est.estimator_returns("trajectory", r, r, r, discount=0.5)
+    with self.assertRaisesRegex(ValueError, "apply to the to-go estimators"):
+      est.estimator_returns("per_token_reward", r, r, r, length_normalize=True)
+
+
 if __name__ == "__main__":
   absltest.main()

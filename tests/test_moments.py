@@ -460,6 +460,29 @@ class OpdTest(X64):
         else:
           self.assertLess(err, EXACT_TOL, msg=estimator)
 
+  @parameterized.parameters(*MODELS)
+  def test_discount_and_length_normalisation_bias(self, model):
+    # DESIGN.md §6.4: γ = 1 is the unbiased estimator and γ = 0 the per-token
+    # reward (kl_to_go / reward_to_go forms) or the single-step ∇KL_t term
+    # (rao_blackwell); 0 < γ < 1 and MiniLLM's length normalisation are biased.
+    vocab, length, sfn, sp, tfn, tp = _student_teacher(model)
+    true = oracle.exact_opd_kl_grad(sfn, sp, tfn, tp, vocab, length)
+    moments = functools.partial(moments_lib.opd_gradient_moments, sfn, sp, tfn, tp,
+                                vocab_size=vocab, length=length)
+    per_token = moments("per_token_reward").mean
+    for estimator in ("reward_to_go", "kl_to_go", "rao_blackwell"):
+      errors = {g: float(oracle.relative_error(moments(estimator, discount=g).mean, true))
+                for g in (0.0, 0.5, 0.9, 1.0)}
+      self.assertLess(errors[1.0], EXACT_TOL, msg=estimator)
+      for g in (0.0, 0.5, 0.9):
+        self.assertGreater(errors[g], 1e-3, msg=(estimator, g))
+      self.assertGreater(errors[0.0], errors[0.9], msg=estimator)
+      if estimator != "rao_blackwell":  # γ = 0 IS the per-token reward.
+        self.assertLess(float(oracle.relative_error(
+            moments(estimator, discount=0.0).mean, per_token)), EXACT_TOL)
+      normalised = moments(estimator, length_normalize=True).mean
+      self.assertGreater(float(oracle.relative_error(normalised, true)), 1e-3)
+
   def test_leave_one_out_unbiased(self):
     vocab, length, sfn, sp, tfn, tp = _student_teacher("v2l4")
     true = oracle.exact_opd_kl_grad(sfn, sp, tfn, tp, vocab, length)

@@ -19,6 +19,11 @@ Losses (``objective.loss``), each named for what it is:
   over ``num_rollouts ≥ 2`` responses per prompt and latent; ``ema``, a
   per-position EMA of the returns). Unbiased for ``∇ KL(π_θ ‖ q)`` (no
   pathwise term: q is frozen).
+  Variants (DESIGN.md §6.4): ``objective.discount`` = γ weights the future
+  terms by γ^{t'−t} (γ = 1 unbiased; γ = 0 is the per-token reward, or with
+  ``rao_blackwell`` MiniLLM's single-step exact-KL term alone);
+  ``objective.length_normalize`` divides them by the number of remaining
+  tokens (MiniLLM). Both are biased for ∇KL; the oracle measures by how much.
 * ``per_token_reward`` — the same surrogate with the coefficient ``A_t = r_t``
   alone: the per-token reverse KL used as a reward with no future terms. A
   BIASED estimator of the sequence KL's gradient (the oracle measures it).
@@ -41,9 +46,6 @@ token KLs on the data, task validity of student and teacher samples.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -53,15 +55,16 @@ from latentdiv import checkpointing
 from latentdiv import config as config_lib
 from latentdiv import divergences
 from latentdiv import estimators
-from latentdiv import logprobs
 from latentdiv import metrics as metrics_lib
 from latentdiv import model as model_lib
+from latentdiv import opd
+from latentdiv.opd import OPDLoss, opd_loss, reverse_kl_summary, seq_kd_loss, sequence_reverse_kl  # noqa: F401,E501
 from latentdiv import sampling
 from latentdiv import train
 from latentdiv import workdir as workdir_lib
 
 LOSSES = ("opd", "gkd", "per_token_reward", "seq_kd")
-BASELINES = ("none", "leave_one_out", "ema")
+BASELINES = opd.BASELINES
 OFF_POLICY_SOURCES = ("data", "teacher")
 WARM_STARTS = ("none", "sft", "seq_kd")
 
@@ -78,6 +81,12 @@ def default_config() -> ml_collections.ConfigDict:
   d.estimator = "rao_blackwell"  # for loss='opd': one of estimators.ESTIMATORS.
   d.baseline = "none"  # for loss='opd': 'none', 'leave_one_out' or 'ema'.
   d.num_rollouts = 1  # responses per (prompt, latent); leave_one_out needs >= 2.
+  # The practitioners' variants of 'opd' (DESIGN.md §6.4), biased unless 1.0 / False:
+  # gamma on the future terms (tinker's kl_discount_factor, TRL MiniLLM's gamma;
+  # 0 = the per-token reward, or with rao_blackwell the single-step exact KL),
+  # and MiniLLM's length normalisation of the future terms.
+  d.discount = 1.0
+  d.length_normalize = False
   d.ema_decay = 0.9  # for baseline='ema'.
   d.gkd_beta = 0.5  # JSD_beta mixing weight (TRL default 0.5).
   d.gkd_lambda = 0.5  # on-policy fraction: a row is a student sample w.p. lambda.
@@ -148,144 +157,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.objective.estimator={d.estimator!r} needs a baseline: "
         f"config.objective.baseline must be one of {BASELINES[1:]}, got 'none'.")
+  config_lib.in_range(config, "objective.discount", 0, 1)
+  config_lib.boolean(config, "objective.length_normalize")
+  if d.loss == "opd":
+    try:
+      estimators.check_variant(d.estimator, float(d.discount), d.length_normalize)
+    except ValueError as err:
+      raise ValueError(f"config.objective.discount / length_normalize: {err}") from None
   if d.baseline == "leave_one_out" and d.num_rollouts < 2:
     raise ValueError(
         "config.objective.num_rollouts must be >= 2 with baseline 'leave_one_out', got "
         f"{d.num_rollouts}.")
-
-
-# ---------------------------------------------------------------------------
-# Losses (pure functions of logits; used by the step and by the tests).
-
-
-def sequence_reverse_kl(student_logits_BxLxV, teacher_logits_BxLxV, tokens_BxL, mask_BxL):
-  """Per-response log-ratio ``R = Σ_t mask_t (log π(y_t|c_t) − log q(y_t|c_t))``, no gradient.
-
-  For y ~ π (temperature 1, up to EOS), ``E[R] = KL(π(·|x) ‖ q(·|x))``: the
-  Monte-Carlo estimate of the sequence reverse KL (DESIGN.md §6).
-
-  Args:
-    student_logits_BxLxV / teacher_logits_BxLxV: [B, L, V] logits at the responses' contexts.
-    tokens_BxL: [B, L] int responses.
-    mask_BxL: [B, L] 1 up to and including EOS.
-
-  Returns:
-    [B] log-ratios R.
-  """
-  chex.assert_rank([student_logits_BxLxV, teacher_logits_BxLxV, tokens_BxL, mask_BxL],
-                   [3, 3, 2, 2])
-  chex.assert_equal_shape([student_logits_BxLxV, teacher_logits_BxLxV])
-  chex.assert_equal_shape([tokens_BxL, mask_BxL])
-  sg = jax.lax.stop_gradient
-  r_t = (logprobs.token_log_probs(sg(student_logits_BxLxV), tokens_BxL)
-         - logprobs.token_log_probs(sg(teacher_logits_BxLxV), tokens_BxL))
-  return jnp.sum(r_t * mask_BxL.astype(r_t.dtype), axis=-1)
-
-
-class OPDLoss(NamedTuple):
-  """Output of :func:`opd_loss`: the mean surrogate and, per [G, N(, L)], what it came from."""
-
-  loss: jax.Array
-  returns: jax.Array
-  baseline: jax.Array
-  reverse_kl: jax.Array
-
-
-def opd_loss(student_logits_GxNxLxV, teacher_logits_GxNxLxV, tokens_GxNxL, mask_GxNxL,
-             estimator: str, baseline: str = "none", ema_L=None) -> OPDLoss:
-  """OPD loss on G groups of N student responses: its gradient estimates ``+∇KL(π ‖ q)``.
-
-  ``loss = (1/GN) Σ_{g,n} policy_gradient(estimator, π, sg(q), y^(g,n), b).loss``
-  without the pathwise term (DESIGN.md §5.3, §6). Baselines: ``none``;
-  ``leave_one_out`` over the N responses of a group (N ≥ 2); ``ema`` the
-  given per-position ``ema_L``.
-
-  Args:
-    student_logits_GxNxLxV: [G, N, L, V] student logits (with gradient).
-    teacher_logits_GxNxLxV: [G, N, L, V] teacher logits (stop-gradiented here).
-    tokens_GxNxL: [G, N, L] int responses sampled from the student.
-    mask_GxNxL: [G, N, L] 1 up to and including EOS.
-    estimator: a name in ``estimators.ALL_ESTIMATORS`` (static).
-    baseline: one of :data:`BASELINES` (static).
-    ema_L: [L] EMA baseline (required for ``'ema'``).
-
-  Returns:
-    :class:`OPDLoss` (``returns``/``baseline`` [G, N, L], ``reverse_kl`` [G, N]).
-
-  Raises:
-    ValueError: unknown estimator/baseline, a baseline for an estimator that
-      takes none, N < 2 with leave-one-out, or ``ema_L`` missing.
-  """
-  chex.assert_rank([student_logits_GxNxLxV, teacher_logits_GxNxLxV, tokens_GxNxL,
-                    mask_GxNxL], [4, 4, 3, 3])
-  chex.assert_equal_shape([student_logits_GxNxLxV, teacher_logits_GxNxLxV])
-  chex.assert_equal_shape([tokens_GxNxL, mask_GxNxL])
-  if baseline not in BASELINES:
-    raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}.")
-  if baseline != "none" and not estimators.uses_baseline(estimator):
-    raise ValueError(
-        f"Estimator {estimator!r} takes no baseline; estimators with a baseline: "
-        f"{estimators.BASELINED_ESTIMATORS}.")
-  if baseline == "ema" and ema_L is None:
-    raise ValueError("baseline='ema' needs ema_L, the [L] EMA of the returns.")
-  over_gn = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731
-  terms = over_gn(estimators.per_token_terms)(
-      student_logits_GxNxLxV, jax.lax.stop_gradient(teacher_logits_GxNxLxV), tokens_GxNxL)
-  pg_fn = functools.partial(estimators.policy_gradient, estimator, baseline=baseline,
-                            pathwise=False)
-  if baseline == "ema":
-    chex.assert_shape(ema_L, tokens_GxNxL.shape[-1:])
-    pg = jax.vmap(lambda t, m: pg_fn(t, m, baseline_value=ema_L))(terms, mask_GxNxL)
-  else:
-    pg = jax.vmap(pg_fn)(terms, mask_GxNxL)
-  return OPDLoss(loss=jnp.mean(pg.loss), returns=pg.returns, baseline=pg.baseline,
-                 reverse_kl=jnp.sum(pg.r_t, axis=-1))
-
-
-def seq_kd_loss(student_logits_BxLxV, tokens_BxL, mask_BxL) -> jax.Array:
-  """Sequence-level KD (Kim & Rush 2016): ``−(1/B) Σ_b log π(y_b | x_b)`` on teacher samples.
-
-  Its gradient is an unbiased estimate of ``∇ KL(q ‖ π)`` (DESIGN.md §6).
-
-  Args:
-    student_logits_BxLxV: [B, L, V] student logits at the samples' contexts.
-    tokens_BxL: [B, L] int teacher samples.
-    mask_BxL: [B, L] 1 up to and including EOS.
-
-  Returns:
-    Scalar loss.
-  """
-  chex.assert_rank([student_logits_BxLxV, tokens_BxL, mask_BxL], [3, 2, 2])
-  return -jnp.mean(jax.vmap(logprobs.sequence_log_likelihood)(
-      student_logits_BxLxV, tokens_BxL.astype(jnp.int32), mask_BxL))
-
-
-def reverse_kl_summary(reverse_kl_BxK: jax.Array, level: float = 0.95) -> dict:
-  """Mean, standard error and confidence interval of a Monte-Carlo sequence KL.
-
-  ``m_b = (1/K) Σ_k R[b, k]``, ``mean = (1/B) Σ_b m_b``, ``stderr = std_b(m_b)
-  / sqrt(B)`` (ddof 1), ``ci = mean ± z·stderr`` (``metrics.confidence_interval``).
-  Per latent likewise.
-
-  Args:
-    reverse_kl_BxK: [B, K] log-ratios (B ≥ 2).
-    level: confidence level.
-
-  Returns:
-    dict with ``reverse_kl``, ``reverse_kl_stderr``, ``reverse_kl_ci_low``,
-    ``reverse_kl_ci_high`` and ``reverse_kl_per_latent(_stderr)`` ([K]).
-  """
-  chex.assert_rank(reverse_kl_BxK, 2)
-  num = reverse_kl_BxK.shape[0]
-  if num < 2:
-    raise ValueError(f"reverse_kl_BxK needs >= 2 rows for a standard error, got {num}.")
-  per_prompt = jnp.mean(reverse_kl_BxK, axis=1)
-  mean, stderr = jnp.mean(per_prompt), jnp.std(per_prompt, ddof=1) / jnp.sqrt(num)
-  low, high = metrics_lib.confidence_interval(mean, stderr, level)
-  return dict(reverse_kl=mean, reverse_kl_stderr=stderr, reverse_kl_ci_low=low,
-              reverse_kl_ci_high=high, reverse_kl_per_latent=jnp.mean(reverse_kl_BxK, axis=0),
-              reverse_kl_per_latent_stderr=jnp.std(reverse_kl_BxK, axis=0, ddof=1)
-              / jnp.sqrt(num))
 
 
 # ---------------------------------------------------------------------------
@@ -446,8 +328,10 @@ class Distillation(train.Objective):
       estimator = d.estimator if kind == "opd" else estimators.PER_TOKEN_REWARD
       baseline = d.baseline if kind == "opd" else "none"
       group = lambda a: a.reshape((num_prompts * k_student, n_rollouts) + a.shape[1:])  # noqa: E731
+      variant = (dict(discount=float(d.discount), length_normalize=d.length_normalize)
+                 if kind == "opd" else {})
       out = opd_loss(group(s_logits / tau), group(t_logits / tau), group(rollout.tokens),
-                     group(rollout.mask), estimator, baseline, extra.get("ema"))
+                     group(rollout.mask), estimator, baseline, extra.get("ema"), **variant)
       loss, maskf = out.loss, group(rollout.mask).astype(jnp.float32)
       if baseline == "ema":
         step_mean = jnp.sum(out.returns * maskf, axis=(0, 1)) / jnp.maximum(

@@ -3,7 +3,7 @@
 * Exact enumeration (DESIGN.md §7) with the actual LatentTransformer as student
   and as (wider) teacher, V = 3 reserved + 2 content ids, L = 3, EOS
   truncation on: every OPD estimator is unbiased for ∇KL(π ‖ q), through
-  ``oracle.opd_gradient_moments`` and through ``distillation.opd_loss`` itself
+  ``oracle.opd_gradient_moments`` and through ``opd.opd_loss`` itself
   (no baseline, EMA, leave-one-out); the per-token reward is biased. The oracle's
   sums run in float64 on the models' (float32) logits, so "exact" means a
   relative error ≤ 1e-4; the bias detected is ≥ 5%.
@@ -38,6 +38,7 @@ from latentdiv import experiment
 from latentdiv import logprobs
 from latentdiv import model as model_lib
 from latentdiv import objectives
+from latentdiv import opd
 from latentdiv import oracle
 from latentdiv import sampling
 from latentdiv import train
@@ -89,7 +90,7 @@ def _logits_fn(model, latent):
   return fn
 
 
-# distillation.opd_loss variants run through the oracle, (estimator, baseline): one
+# opd.opd_loss variants run through the oracle, (estimator, baseline): one
 # response each, then N = 2 responses with the leave-one-out baseline.
 SINGLE_VARIANTS = tuple((e, "none") for e in est.ALL_ESTIMATORS) + tuple(
     (e, "ema") for e in est.BASELINED_ESTIMATORS)
@@ -98,7 +99,7 @@ EMA_L = (0.3, -0.2, 0.5)  # A fixed (sample-independent) per-position baseline.
 
 
 def _stacked_grads(s_fn, t_fn, s_params, t_params, variants):
-  """``(tokens_NxL, mask_NxL) -> pytree [E, ...]``: ∇ of distillation.opd_loss for E variants.
+  """``(tokens_NxL, mask_NxL) -> pytree [E, ...]``: ∇ of opd.opd_loss for E variants.
 
   One forward pass of each model and one reverse pass vmapped over the E
   losses (``jax.jacrev``), so the enumeration program holds the model once.
@@ -108,7 +109,7 @@ def _stacked_grads(s_fn, t_fn, s_params, t_params, variants):
     s = s_fn(p, tokens_NxL)[None]
     t = t_fn(t_params, tokens_NxL)[None]
     return jnp.stack([
-        distillation.opd_loss(s, t, tokens_NxL[None], mask_NxL[None], e, b,
+        opd.opd_loss(s, t, tokens_NxL[None], mask_NxL[None], e, b,
                               jnp.asarray(EMA_L) if b == "ema" else None).loss
         for e, b in variants])
 
@@ -120,7 +121,7 @@ def _enumeration_report(s_fn, t_fn, s_params, t_params):
 
   Keys: ``oracle/per_token_reward`` (``oracle.opd_gradient_moments``, i.e.
   ``estimators.opd_surrogate``), ``distillation/EST/BASELINE``
-  (``distillation.opd_loss``, the loss the train step runs, with each
+  (``opd.opd_loss``, the loss the train step runs, with each
   baseline; leave-one-out over N = 2 responses enumerated in pairs); the exact
   KL, P(EOS before L) and ‖∇KL‖.
   """
@@ -212,7 +213,7 @@ class PureFunctionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_sequence_reverse_kl(self):
     s, t, tokens, mask = _random_inputs(0, (5, 4))
-    got = self.variant(distillation.sequence_reverse_kl)(s, t, tokens, mask)
+    got = self.variant(opd.sequence_reverse_kl)(s, t, tokens, mask)
     ls, lt = _np_log_softmax(s), _np_log_softmax(t)
     pick = lambda a: np.take_along_axis(a, tokens[..., None], -1)[..., 0]  # noqa: E731
     want = np.sum((pick(ls) - pick(lt)) * mask, axis=-1)
@@ -222,14 +223,14 @@ class PureFunctionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_seq_kd_loss(self):
     s, _, tokens, mask = _random_inputs(1, (6, 3))
-    got = self.variant(distillation.seq_kd_loss)(s, tokens, mask)
+    got = self.variant(opd.seq_kd_loss)(s, tokens, mask)
     logp = np.take_along_axis(_np_log_softmax(s), tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(got, -np.mean(np.sum(logp * mask, -1)), rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_reverse_kl_summary(self):
     r = np.random.default_rng(2).normal(size=(50, 3)).astype(np.float32)
-    got = self.variant(distillation.reverse_kl_summary)(r)
+    got = self.variant(opd.reverse_kl_summary)(r)
     m = r.mean(1)
     se = m.std(ddof=1) / np.sqrt(50)
     np.testing.assert_allclose(got["reverse_kl"], m.mean(), rtol=1e-5)
@@ -243,7 +244,7 @@ class PureFunctionTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_opd_loss_values_and_leave_one_out_baseline(self):
     s, t, tokens, mask = _random_inputs(3, (2, 3, 4))  # G=2, N=3, L=4.
-    fn = self.variant(functools.partial(distillation.opd_loss,
+    fn = self.variant(functools.partial(opd.opd_loss,
                                         estimator="reward_to_go_baseline",
                                         baseline="leave_one_out"))
     out = fn(s, t, tokens, mask)
@@ -268,15 +269,15 @@ class PureFunctionTest(chex.TestCase):
   def test_opd_loss_rejects_bad_options(self):
     s, t, tokens, mask = _random_inputs(4, (1, 2, 3))
     with self.assertRaisesRegex(ValueError, "takes no baseline"):
-      distillation.opd_loss(s, t, tokens, mask, "trajectory", "leave_one_out")
+      opd.opd_loss(s, t, tokens, mask, "trajectory", "leave_one_out")
     with self.assertRaisesRegex(ValueError, "baseline must be one of"):
-      distillation.opd_loss(s, t, tokens, mask, "rao_blackwell", "batch")
+      opd.opd_loss(s, t, tokens, mask, "rao_blackwell", "batch")
     with self.assertRaisesRegex(ValueError, "ema_L"):
-      distillation.opd_loss(s, t, tokens, mask, "rao_blackwell", "ema")
+      opd.opd_loss(s, t, tokens, mask, "rao_blackwell", "ema")
     with self.assertRaisesRegex(ValueError, "Unknown estimator"):
-      distillation.opd_loss(s, t, tokens, mask, "reinforce")
+      opd.opd_loss(s, t, tokens, mask, "reinforce")
     with self.assertRaises(AssertionError):
-      distillation.opd_loss(s[0], t[0], tokens[0], mask[0], "trajectory")
+      opd.opd_loss(s[0], t[0], tokens[0], mask[0], "trajectory")
 
 
 # ---------------------------------------------------------------------------
@@ -424,6 +425,14 @@ class ConfigAndMismatchTest(parameterized.TestCase):
       ("missing_workdir", dict(teacher_workdir="/nonexistent/x"), "cannot read"),
       ("response_len", dict(response_len=9), r"config.objective.response_len must be in"),
       ("off_policy", dict(gkd_off_policy="student"), "gkd_off_policy must be one of"),
+      ("discount", dict(discount=1.5), r"config.objective.discount must be in \[0, 1\]"),
+      ("discount_trajectory", dict(estimator="trajectory", discount=0.5),
+       "apply to the to-go estimators"),
+      ("warm_start", dict(warm_start="dpo"), "warm_start must be one of"),
+      ("warm_start_steps", dict(warm_start="seq_kd"), "warm_start_steps go together"),
+      ("warm_steps_alone", dict(warm_start_steps=5), "warm_start_steps go together"),
+      ("student_workdir", dict(student_workdir="/nonexistent/y"),
+       "config.objective.student_workdir"),
       ("unknown", dict(estimatr="kl_to_go"),
        r"config.objective.estimatr is not a field.*config.objective.estimator\?"),
   )
@@ -432,7 +441,9 @@ class ConfigAndMismatchTest(parameterized.TestCase):
     for name, value in fields.items():
       config.objective[name] = value
     with self.assertRaisesRegex(ValueError, pattern):
-      experiment.build(config)
+      setup, objective = experiment.build(config)
+      if "student_workdir" in fields:  # Read when the run starts, before compiling.
+        train.init_state(setup, objective)
 
   def test_teacher_gets_no_gradient(self):
     # Sampling is replaced by random responses (the rollouts carry no gradient
@@ -522,6 +533,44 @@ class DistillRunTest(absltest.TestCase):
     with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
                                 "objective.loss: 'opd' -> 'seq_kd'"):
       experiment.train_and_evaluate(config, workdir)
+
+  def test_warm_start_switches_in_one_program_and_resumes_across_the_switch(self):
+    config = _student_config(_TEACHER["dir"], loss="opd", estimator="rao_blackwell",
+                             warm_start="seq_kd", warm_start_steps=3)
+    config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 6, 1, 2
+    setup, objective = experiment.build(config)
+    state = train.init_state(setup, objective)
+    step = train.make_train_step(setup, objective, frozen=objective.frozen())
+    phases, seq_kd_nll, reverse_kl = [], [], []
+    for _ in range(6):
+      state, metrics = step(state)
+      phases.append(float(metrics["warm_start"]))
+      seq_kd_nll.append(float(metrics["teacher_sample_nll"]))
+      reverse_kl.append(float(metrics["sample_reverse_kl"]))
+    self.assertEqual(step._cache_size(), 1)  # Both phases: one compiled program.
+    self.assertEqual(phases, [1, 1, 1, 0, 0, 0])
+    self.assertTrue(all(v > 0 for v in seq_kd_nll[:3]) and all(v == 0 for v in seq_kd_nll[3:]))
+    self.assertTrue(all(v == 0 for v in reverse_kl[:3]) and all(v != 0 for v in reverse_kl[3:]))
+    # Interrupted at step 2 (inside the warm start) and resumed: the same run.
+    root = self.create_tempdir().full_path
+    straight = experiment.train_and_evaluate(config, os.path.join(root, "straight"))
+    config.train.num_steps = 2
+    experiment.train_and_evaluate(config, os.path.join(root, "resumed"))
+    config.train.num_steps = 6
+    resumed = experiment.train_and_evaluate(config, os.path.join(root, "resumed"))
+    for key in ("reverse_kl", "token_kl", "response_len"):
+      np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-5, err_msg=key)
+
+  def test_student_workdir_initialises_the_student(self):
+    root = self.create_tempdir().full_path
+    first = _student_config(_TEACHER["dir"], loss="seq_kd")
+    first.train.num_steps = 4
+    experiment.train_and_evaluate(first, os.path.join(root, "sft"))
+    config = _student_config(_TEACHER["dir"], student_workdir=os.path.join(root, "sft"))
+    setup, objective = experiment.build(config)
+    state = train.init_state(setup, objective)
+    chex.assert_trees_all_equal(state.params, experiment.load(os.path.join(root, "sft")).params)
+    self.assertEqual(int(state.step), 0)
 
   def test_row_latents(self):
     _, objective = experiment.build(_student_config(_TEACHER["dir"]))
