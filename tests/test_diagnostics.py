@@ -13,7 +13,6 @@ The exact run is computed once (``_exact``); the Monte-Carlo run reuses its
 compiled programs (same model, combinations and chunk size).
 """
 import functools
-import itertools
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -32,6 +31,7 @@ from latentdiv import moments
 from latentdiv import oracle
 from latentdiv import tasks
 from latentdiv import vocab
+from test_sampling import _canonical_sequences  # The brute-force enumeration of outputs.
 
 LENGTH = 3  # the rollout length (A = 2: 15 possible outputs).
 BATCH = 2
@@ -154,13 +154,7 @@ class ExactSequencesTest(parameterized.TestCase):
     alphabet = vocab_size - vocab.NUM_RESERVED
     self.assertEqual(tokens.shape[0], dg.num_exact_sequences(alphabet, length))
     emitted = [vocab.EOS] + list(range(vocab.FIRST_CONTENT, vocab_size))
-    expected = set()
-    for seq in itertools.product(emitted, repeat=length):
-      seq = list(seq)
-      if vocab.EOS in seq:
-        end = seq.index(vocab.EOS) + 1
-        seq = seq[:end] + [vocab.PAD] * (length - end)
-      expected.add(tuple(seq))
+    expected = {tuple(row) for row in _canonical_sequences(emitted, length).tolist()}
     got = {tuple(row) for row in np.asarray(tokens).tolist()}
     self.assertEqual(got, expected)
     self.assertLen(got, tokens.shape[0])
