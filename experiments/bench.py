@@ -55,11 +55,13 @@ What is measured (model sizes in ``SIZES``; B, K, L in every record):
   (sampler + scoring), small (headline) and medium at V = 32, and at
   V = 32768 in the vocabulary cases.
 * **growth with length** (``--lengths``, and in the full run; kind 'length'):
-  the sampler and the seq step at L ∈ {32, 128, 512} on the small model with a
-  prompt of fixed length 8, time per generated token; and the L = 32 rollout
-  in a cache preallocated for L = 512, which isolates what attending over
-  the whole preallocated cache costs a decode step
-  (``rollout_long_cache_over_short``, ``rollout_bounded_attention_saving_l512``).
+  the sampler (prompt of fixed length 8, B = 32) and the seq step (P = L/2,
+  B = 8) at L ∈ {32, 128, 512} on the small model, time per generated token;
+  and the sampler at L = 8 and 32 in each of those caches
+  (``rollout_in_cache``): at a fixed cache length M the slope in L is the
+  cost of one decode step, which attends over all M preallocated positions
+  (``decode_step_m521_over_m41``, ``rollout_bounded_attention_saving_l512``).
+  Each family is timed interleaved.
 
 How FLOPs are counted:
 
@@ -136,7 +138,8 @@ HEADLINE_V = 32768  # seq_memory_k8_over_k4 is read here.
 # there and everything at V = 131072 are compiled for their memory only).
 VOCAB_TIMED = {("rec", 4), ("rec", 8), ("seq", 4), ("opd", 4)}
 # Growth with length: rollouts and the sequence-level step at these L on the
-# small model, with a prompt of FIXED length LONG_PROMPT_LEN (so only L grows).
+# small model. Rollouts have a prompt of FIXED length LONG_PROMPT_LEN (only L
+# grows); the seq step's task needs P = L/2 for T = L (see bench_steps).
 LONG_LENGTHS = (32, 128, 512)
 LONG_PROMPT_LEN = 8
 LONG_TRAIN_BATCH = 8
@@ -249,20 +252,29 @@ def _new_tables(records: list[dict]) -> list[str]:
                    f"{_mib(r.get('peak_memory_bytes'))} |")
   grows = [r for r in records if r.get("kind") == "length"]
   if grows:
-    lines += ["", "## Growth with length (prompt of fixed length)", "",
+    lines += ["", "## Growth with length (L = 32, 128, 512)", "",
               "Per-token time = median / (B·K·L); ×shortest: over the same program's at "
-              "the shortest L. `rollout_long_cache`: the shortest rollout in a cache "
-              "preallocated for the longest.", "",
+              "the shortest L. Rollouts: prompt P = 8 whatever L, cache M = P + 1 + L; "
+              "`rollout_in_cache`: a short rollout in a longer cache (for the decode-step "
+              "cost per M, below). seq_step: P = L/2 (the task's shortest prompt for "
+              "T = L).", "",
               "| program | size | B | K | L | M | ms | µs / token | ×shortest | memory MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in grows:
-      program = "rollout" if r["program"] == "rollout_long_cache" else r["program"]
+      program = "rollout" if r["program"] == "rollout_in_cache" else r["program"]
       same = [q for q in grows if q["program"] == program]
       first = min(same, key=lambda q: q["L"]) if same else None
       ratio = r["per_token_s"] / first["per_token_s"] if first else None
       lines.append(f"| {r['program']} | {r['size']} | {r['B']} | {r['K']} | {r['L']} | "
                    f"{r['M']} | {r['median_s'] * 1e3:.0f} | {r['per_token_s'] * 1e6:.2f} | "
                    f"{_fmt(ratio)} | {_mib(r.get('peak_memory_bytes'))} |")
+    costs = decode_step_costs(records)
+    if costs:
+      first = costs[min(costs)]
+      lines += ["", "Cost of one decode step (B·K rows) against the cache length M it "
+                "attends over (the slope of the sampler's time in L at that M):", "",
+                "| M | ms per step | × shortest M |", "|---|---|---|"]
+      lines += [f"| {m} | {c * 1e3:.2f} | {_fmt(c / first)} |" for m, c in sorted(costs.items())]
   return lines
 
 
@@ -328,10 +340,27 @@ def vocab_plan(size: str = "small", length: int = VOCAB_L, batch: int = VOCAB_BA
 
 
 def lengths_plan(size: str = "small", lengths=LONG_LENGTHS) -> list:
-  """The growth-with-length cases: ('rollout' | 'rollout_long_cache' | 'seq_step', size, L)."""
-  cases = [("rollout", size, n) for n in lengths]
-  cases.append(("rollout_long_cache", size, min(lengths)))
-  return cases + [("seq_step", size, n) for n in lengths]
+  """The growth-with-length cases: ('rollout' | 'seq_step', size, lengths), each timed interleaved.
+
+  'rollout': ``bench_rollouts.rollout_length_case`` (the sampler, B =
+  ``ROLLOUT_BATCH[size]``, prompt ``LONG_PROMPT_LEN`` at every L, and the
+  shortest L in the longest L's cache); 'seq_step':
+  ``bench_steps.seq_length_case`` (B = ``LONG_TRAIN_BATCH``, P = L/2).
+  """
+  return [("rollout", size, tuple(lengths)), ("seq_step", size, tuple(lengths))]
+
+
+def length_records(program: str, size: str, lengths, repeats: int, peak_gflops: float,
+                   budget_s: float, reference: util.MatmulReference | None = None) -> list:
+  """The records of one ``lengths_plan`` entry."""
+  if program == "rollout":
+    return bench_rollouts.rollout_length_case(
+        size, lengths, ROLLOUT_BATCH[size], repeats, peak_gflops, prompt_len=LONG_PROMPT_LEN,
+        budget_s=budget_s, reference=reference)
+  if program == "seq_step":
+    return bench_steps.seq_length_case(size, lengths, LONG_TRAIN_BATCH, repeats, peak_gflops,
+                                       budget_s=budget_s, reference=reference)
+  raise ValueError(f"program must be 'rollout' or 'seq_step', got {program!r}.")
 
 
 def plan(mode: str, sizes: list[str]) -> dict:
@@ -522,29 +551,47 @@ def memory_ratio(records: list[dict], case: str):
   return pairs[v][8] / pairs[v][4], pairs[v][4], pairs[v][8], v
 
 
+def decode_step_costs(records: list[dict]) -> dict[int, float]:
+  """{M: seconds per decode step of the B·K rows} from the rollouts timed in a cache of length M.
+
+  At a fixed M the sampler's time is (fixed cost) + L · (step cost): the
+  slope between the shortest and the longest L run in that cache.
+  """
+  by_m: dict[int, dict[int, float]] = {}
+  for r in records:
+    if r.get("kind") == "length" and r["program"] in ("rollout", "rollout_in_cache"):
+      by_m.setdefault(r["M"], {})[r["L"]] = r["median_s"]
+  costs = {}
+  for m, by_l in by_m.items():
+    if len(by_l) > 1:
+      lo, hi = min(by_l), max(by_l)
+      costs[m] = (by_l[hi] - by_l[lo]) / (hi - lo)
+  return costs
+
+
 def length_figures(records: list[dict]) -> dict:
   """Headline figures of the growth-with-length cases (Nones where not run).
 
   ``rollout_per_token_l512_over_l32`` / ``seq_step_per_token_l512_over_l32``:
   time per generated token at the longest L over that at the shortest.
-  ``rollout_long_cache_over_short``: the shortest rollout in a cache
-  preallocated for the longest (M = P + 1 + 512) over the same rollout in its
-  own cache: what attending over the whole preallocated cache costs a decode
-  step. ``rollout_bounded_attention_saving_l512``: the fraction of the longest
-  rollout's time a decoder attending only to the filled prefix would save,
-  estimated from those two per-token costs (linear in the keys attended; a
-  prefix-bounded step at t attends over P + 1 + t keys, on average
-  P + 1 + (L − 1)/2).
+  ``decode_step_m521_over_m41``: the cost of one decode step in the longest
+  rollout's cache (M = 8 + 1 + 512) over that in the shortest's (M = 41),
+  from ``decode_step_costs``: what attending over the whole preallocated
+  cache costs. ``rollout_bounded_attention_saving_l512``: the fraction of the
+  longest rollout's time a decoder attending only to the filled prefix would
+  save: step t attends over P + 1 + t keys, priced by interpolating the
+  measured step costs linearly in M, against the full cache's cost at every
+  step (the fixed cost of writing the fresh cache is kept).
   """
-  def get(program, length=None):
+  def get(program, length):
     cands = [r for r in records if r.get("kind") == "length" and r["program"] == program
-             and (length is None or r["L"] == length)]
+             and r["L"] == length]
     return cands[0] if cands else None
 
+  out = dict(rollout_per_token_l512_over_l32=None, seq_step_per_token_l512_over_l32=None,
+             decode_step_m521_over_m41=None, rollout_bounded_attention_saving_l512=None)
   lengths = sorted({r["L"] for r in records if r.get("kind") == "length"
                     and r["program"] == "rollout"})
-  out = dict(rollout_per_token_l512_over_l32=None, seq_step_per_token_l512_over_l32=None,
-             rollout_long_cache_over_short=None, rollout_bounded_attention_saving_l512=None)
   if len(lengths) < 2:
     return out
   lo, hi = lengths[0], lengths[-1]
@@ -552,50 +599,16 @@ def length_figures(records: list[dict]) -> dict:
       a["per_token_s"] / b["per_token_s"])
   out["rollout_per_token_l512_over_l32"] = ratio(get("rollout", hi), get("rollout", lo))
   out["seq_step_per_token_l512_over_l32"] = ratio(get("seq_step", hi), get("seq_step", lo))
-  short, long_cache, longest = get("rollout", lo), get("rollout_long_cache"), get("rollout", hi)
-  if short and long_cache and longest:
-    out["rollout_long_cache_over_short"] = ratio(long_cache, short)
-    c_short, c_long = short["per_token_s"], long_cache["per_token_s"]
-    m_short, m_long = short["M"], long_cache["M"]
-    mean_keys = longest["P"] + 1 + (longest["L"] - 1) / 2
-    c_mean = c_short + (c_long - c_short) * (mean_keys - m_short) / max(m_long - m_short, 1)
-    out["rollout_bounded_attention_saving_l512"] = 1.0 - c_mean / longest["per_token_s"]
+  costs = decode_step_costs(records)
+  longest, shortest = get("rollout", hi), get("rollout", lo)
+  if longest["M"] in costs and shortest["M"] in costs and len(costs) > 1:
+    out["decode_step_m521_over_m41"] = costs[longest["M"]] / costs[shortest["M"]]
+    ms = sorted(costs)
+    bounded = sum(float(np.interp(longest["P"] + 1 + t, ms, [costs[m] for m in ms]))
+                  for t in range(longest["L"]))
+    full = longest["L"] * costs[longest["M"]]
+    out["rollout_bounded_attention_saving_l512"] = (full - bounded) / longest["median_s"]
   return out
-
-
-def length_case(program: str, size: str, length: int, repeats: int, peak_gflops: float,
-                budget_s: float, reference: util.MatmulReference | None = None) -> dict:
-  """One growth-with-length record (kind 'length'): a rollout or a sequence-level step at L.
-
-  ``program``: 'rollout' (the sampler, B = ``ROLLOUT_BATCH[size]`` prompts of
-  ``LONG_PROMPT_LEN`` tokens, K latents, L tokens, cache M = P + 1 + L),
-  'rollout_long_cache' (the same L tokens in a cache preallocated for
-  ``max(LONG_LENGTHS)``) or 'seq_step' (``bench_steps.SEQ_STEP`` at
-  B = ``LONG_TRAIN_BATCH``, prompt ``LONG_PROMPT_LEN``, T = L).
-  ``per_token_s`` = median time / the B·K·L generated tokens.
-  """
-  if program in ("rollout", "rollout_long_cache"):
-    extra = {}
-    if program == "rollout_long_cache":
-      extra["max_len"] = LONG_PROMPT_LEN + 1 + max(LONG_LENGTHS)
-    r = bench_rollouts.rollout_case(size, length, ROLLOUT_BATCH[size], repeats, peak_gflops,
-                                    ("sampler",), prompt_len=LONG_PROMPT_LEN,
-                                    budget_s=budget_s, reference=reference, **extra)[0]
-    rows = r["B"] * r["K"]
-  elif program == "seq_step":
-    overrides = dict(bench_steps.SEQ_STEP,
-                     **bench_steps.fixed_prompt_overrides(length, LONG_PROMPT_LEN))
-    r = bench_steps.train_case("seq", size, length, LONG_TRAIN_BATCH, overrides, repeats,
-                               peak_gflops, budget_s=budget_s, reference=reference)
-    r["M"] = r["P"] + r["T"]
-    rows = r["B"] * r["K"]
-  else:
-    raise ValueError(f"program must be 'rollout', 'rollout_long_cache' or 'seq_step', "
-                     f"got {program!r}.")
-  keep = ("size", "B", "K", "L", "P", "M", "median_s", "min_s", "repeats", "gflops",
-          "peak_fraction", "matmul_gflops_here", "peak_memory_bytes", "compile_s")
-  return dict(kind="length", program=program, **{k: r.get(k) for k in keep},
-              per_token_s=r["median_s"] / (rows * length))
 
 
 def main(argv=None) -> dict:
@@ -666,9 +679,10 @@ def _run(args) -> dict:
   for case, size, length, batch, v, k, timed in todo["vocab"]:
     util.emit(bench_steps.vocab_case(case, size, length, batch, v, k, timed,
                                      repeats=min(repeats, 3), budget_s=todo["budget_s"]))
-  for program, size, length in todo["lengths"]:
-    util.emit(length_case(program, size, length, repeats, peak["gflops"], todo["budget_s"],
-                          reference))
+  for program, size, lengths in todo["lengths"]:
+    for record in length_records(program, size, lengths, repeats, peak["gflops"],
+                                 todo["budget_s"], reference):
+      util.emit(record)
   meta["load_end"] = _load()
   headline = headline_figures(util.RECORDS, peak)
   headline["wall_s"] = time.perf_counter() - start

@@ -269,3 +269,59 @@ def rollout_case(size: str, length: int, batch: int, repeats: int, peak_gflops: 
     for r in records:
       r["sampler_speedup"] = r["median_s"] / timings["sampler"]["median_s"]
   return records
+
+
+def rollout_length_case(size: str, lengths, batch: int, repeats: int, peak_gflops: float,
+                        prompt_len: int = ROLLOUT_PROMPT_LEN, budget_s: float = 20.0,
+                        reference: util.MatmulReference | None = None,
+                        short_len: int = 8) -> list[dict]:
+  """The sampler at each L in ``lengths``, and its decode-step cost at each cache length, interleaved.
+
+  One model size, B prompts of ``prompt_len`` tokens (the same at every L),
+  K latents. Programs:
+
+  * 'rollout' — L tokens in a cache of M = P + 1 + L, for each L;
+  * 'rollout_in_cache' — ``short_len`` and ``min(lengths)`` tokens in each of
+    those caches (where not already a 'rollout'): at a fixed M, the slope of
+    the time in L is the cost of one decode step at that cache length (the
+    attention reads all M preallocated positions), and the intercept the
+    rollout's fixed cost (prefill, writing the fresh cache).
+
+  All the programs are compiled first and then timed round-robin
+  (``time_calls``), so they see the same background load.
+
+  Returns:
+    One record per program (kind 'length'), with ``per_token_s`` = median /
+    (B·K·L).
+  """
+  lengths = sorted(lengths)
+  programs = [("rollout", n, prompt_len + 1 + n) for n in lengths]
+  for n in lengths:
+    for short in sorted({short_len, lengths[0]}):
+      if short != n:
+        programs.append(("rollout_in_cache", short, prompt_len + 1 + n))
+  runs, info = {}, {}
+  for program, length, max_len in programs:
+    name = f"{program}/L={length}/M={max_len}"
+    model, params = make_model(size, prompt_len, length, max_len=max_len)
+    prompt = make_prompts(batch, prompt_len, vocab_size=model.config.vocab_size)
+    compiled, compile_s = util.compile_fn(sampler_rollout, model, params, prompt,
+                                          jax.random.PRNGKey(2), length)
+    runs[name] = functools.partial(compiled, params, prompt, jax.random.PRNGKey(2))
+    info[name] = dict(program=program, L=length, cfg=model.config, compile_s=compile_s,
+                      peak_memory_bytes=util.peak_memory_bytes(compiled))
+  timings = util.time_with_reference(runs, repeats, budget_s, reference)
+  records = []
+  for name, i in info.items():
+    cfg, t = i["cfg"], timings[name]
+    rows = batch * cfg.num_latents
+    flops = rollout_flops(cfg, rows, prompt_len, i["L"], "sampler")
+    gflops = flops / t["median_s"] / 1e9
+    records.append(dict(
+        kind="length", program=i["program"], size=size, B=batch, K=cfg.num_latents, L=i["L"],
+        P=prompt_len, M=cfg.max_len, median_s=t["median_s"], min_s=t["min_s"],
+        repeats=len(t["times_s"]), per_token_s=t["median_s"] / (rows * i["L"]),
+        flops_analytic=flops, gflops=gflops,
+        **util.peak_fraction(gflops, peak_gflops, timings, reference),
+        peak_memory_bytes=i["peak_memory_bytes"], compile_s=i["compile_s"]))
+  return records

@@ -9,6 +9,12 @@ same size with fresh parameters); RAML targets with N = 1, 4, 16
 d = L/2 − 1, so the target length is T = L (the rollout length of the
 sequence term).
 
+For the issue "Scale to real vocabularies": ``vocab_case`` (the rec, seq and
+OPD steps at any V and K, memory from compiling alone where untimed),
+``lower_bound_case`` (the sequence-level step against the sampler alone +
+the K×K scoring pass, timed together) and ``seq_length_case`` (the seq step
+at several L, timed together).
+
 ``experiments/bench.py`` says how the records are timed and counted.
 """
 
@@ -52,19 +58,12 @@ def vocab_overrides(vocab_size: int, num_latents: int) -> dict:
           "model.num_latents": num_latents}
 
 
-def fixed_prompt_overrides(length: int, prompt_len: int) -> dict:
-  """``train_config`` overrides for a prompt of ``prompt_len`` tokens whatever L (T = L still)."""
-  if not 0 < prompt_len < length - 1:
-    raise ValueError(f"prompt_len must be in [1, L - 2 = {length - 2}], got {prompt_len}.")
-  return {"task.prompt_len": prompt_len, "task.num_divergent": length - prompt_len - 1}
-
-
 def train_config(size: str, length: int, batch: int, **overrides) -> Any:
   """The bench's diversity config: late_divergence with T = L, model ``SIZES[size]``, K latents.
 
   ``overrides`` are ``"dotted.path": value`` pairs (e.g.
-  ``"objective.sequence_term.weight"``; ``vocab_overrides`` and
-  ``fixed_prompt_overrides`` make some).
+  ``"objective.sequence_term.weight"``; ``vocab_overrides`` makes some).
+  (late_divergence needs d ≤ P, so T = L needs P ≥ L/2: the shortest prompt.)
   """
   c = objectives.base_config()
   c.task.name = "late_divergence"
@@ -278,14 +277,20 @@ def scoring_fn(setup: train.Setup):
 
 
 def decode_bytes_per_step(cfg: model_lib.ModelConfig, params, rows: int) -> dict:
-  """Bytes a cached decode step of ``rows`` rows reads at least: every parameter and the KV cache.
+  """Bytes a cached decode step of ``rows`` rows reads at least: the parameters and the KV cache.
 
-  The cache is read whole (the attention reads all M = ``cfg.max_len``
-  preallocated positions): 2 (keys, values) · layers · rows · M · d_model
-  elements of the compute dtype. Parameters are float32 (cast to the compute
-  dtype inside the step).
+  Every weight matrix (the unembedding included) is read whole; the three
+  embedding tables (token, position, latent) are gathered, one d_model row of
+  each per row. Parameters are float32 (cast to the compute dtype inside the
+  step). The cache is read whole (the attention reads all M =
+  ``cfg.max_len`` preallocated positions): 2 (keys, values) · layers · rows ·
+  M · d_model elements of the compute dtype.
   """
-  param_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(params))
+  tables = ("token_embed", "position_embed", "latent_embed")
+  param_bytes = sum(a.size * a.dtype.itemsize for name, sub in params.items()
+                    if name not in tables for a in jax.tree_util.tree_leaves(sub))
+  param_bytes += sum(rows * params[name]["embedding"].shape[-1]
+                     * params[name]["embedding"].dtype.itemsize for name in tables)
   cache_bytes = (2 * cfg.num_layers * rows * cfg.max_len * cfg.d_model
                  * jnp.dtype(cfg.dtype).itemsize)
   return dict(param_bytes=int(param_bytes), cache_bytes=int(cache_bytes),
@@ -392,3 +397,42 @@ def vocab_case(case: str, size: str, length: int, batch: int, vocab_size: int,
     record.update(median_s=timing["median_s"], min_s=timing["min_s"],
                   repeats=len(timing["times_s"]))
   return record
+
+
+def seq_length_case(size: str, lengths, batch: int, repeats: int, peak_gflops: float,
+                    budget_s: float = 20.0,
+                    reference: util.MatmulReference | None = None) -> list[dict]:
+  """The sequence-level step (``SEQ_STEP``) at each L in ``lengths``, timed interleaved.
+
+  ``train_config`` at T = L = the rollout length (so P = L/2, the task's
+  shortest prompt), B = ``batch``. All the steps are compiled first, then
+  timed round-robin (``time_calls``).
+
+  Returns:
+    One record per L (kind 'length', program 'seq_step'), with
+    ``per_token_s`` = median / (B·N·K·L), the rollout tokens of the step.
+  """
+  runs, info = {}, {}
+  for length in sorted(lengths):
+    setup, _, step, state, flops, _ = build_case("seq", size, length, batch, SEQ_STEP)
+    compiled, compile_s = util.compile_fn(step, state)
+    args = (state, *step.bound_args)
+    name = f"seq_step/L={length}"
+    runs[name] = functools.partial(compiled, *args)
+    info[name] = dict(setup=setup, L=length, flops=flops, compile_s=compile_s,
+                      peak_memory_bytes=util.peak_memory_bytes(compiled))
+  timings = util.time_with_reference(runs, repeats, budget_s, reference)
+  records = []
+  for name, i in info.items():
+    setup, t = i["setup"], timings[name]
+    cfg = setup.model.config
+    rows = batch * setup.config.objective.sequence_term.num_rollouts * cfg.num_latents
+    gflops = i["flops"] / t["median_s"] / 1e9
+    records.append(dict(
+        kind="length", program="seq_step", size=size, B=batch, K=cfg.num_latents, L=i["L"],
+        P=setup.task.prompt_len, M=cfg.max_len, median_s=t["median_s"], min_s=t["min_s"],
+        repeats=len(t["times_s"]), per_token_s=t["median_s"] / (rows * i["L"]),
+        flops_analytic=i["flops"], gflops=gflops,
+        **util.peak_fraction(gflops, peak_gflops, timings, reference),
+        peak_memory_bytes=i["peak_memory_bytes"], compile_s=i["compile_s"]))
+  return records

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 try:
@@ -40,9 +41,11 @@ except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from latentdiv import baselines  # noqa: E402
-from latentdiv import config as config_lib  # noqa: E402
 from latentdiv import diagnostics  # noqa: E402
 from latentdiv import estimators as est  # noqa: E402
+from latentdiv import experiment  # noqa: E402
+from latentdiv import objectives  # noqa: E402
+from latentdiv import train  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
@@ -56,7 +59,7 @@ def tiny_config():
   Effective vocabulary EOS + 2 content tokens, 15 possible outputs of L = 3;
   a 1-layer, d = 16 Transformer.
   """
-  c = config_lib.base_config()
+  c = objectives.base_config()
   c.task.name = "early_divergence"
   c.task.alphabet_size = 2
   c.task.prompt_len = 2
@@ -67,58 +70,8 @@ def tiny_config():
   c.model.num_layers = 1
   c.model.d_ff = 32
   c.objective.jsd_prefix_len = 3
-  c.seq_pg.rollout_len = 3
+  c.objective.sequence_term.rollout_len = 3
   return c
-
-
-def restore_params(setup, workdir: str, step: Optional[int] = None):
-  """Parameters of the newest (or ``step``'s) readable checkpoint in ``workdir``.
-
-  Read-only: unlike a resumed run, a checkpoint that fails to restore is
-  reported and skipped, never moved.
-
-  Args:
-    setup: ``train.build(config)`` of the run's config.
-    workdir: the run.py workdir (holding ``checkpoints/``).
-    step: a checkpoint step, or None for the newest that restores.
-
-  Returns:
-    (params, step).
-
-  Raises:
-    FileNotFoundError: no checkpoint (or not ``step``).
-  """
-  from latentdiv import checkpointing  # pylint: disable=import-outside-toplevel
-  from latentdiv import train  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"No checkpoints/ in {workdir!r}.")
-  c = setup.config.train
-  manager = checkpointing.make_manager(ckpt_dir, c.keep_checkpoints, c.checkpoint_every)
-  abstract = checkpointing.abstract_like(jax.eval_shape(lambda: train.init_state(setup)))
-  steps = sorted(manager.all_steps(), reverse=True)
-  if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f"No checkpoint at step {step} in {ckpt_dir}; have {steps}.")
-    steps = [step]
-  for s in steps:
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-    except Exception as err:  # pylint: disable=broad-except
-      print(f"WARNING: checkpoint {s} in {ckpt_dir} does not restore "
-            f"({type(err).__name__}); trying an older one.", flush=True)
-      continue
-    manager.close()
-    # Plain host-backed arrays, like a fresh model's (restored arrays carry
-    # Orbax's sharding, which would make every jitted function recompile).
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)),
-                                    restored["state"].params)
-    return params, s
-  manager.close()
-  raise FileNotFoundError(f"No checkpoint in {ckpt_dir} could be restored.")
 
 
 def load(config=None, workdir: Optional[str] = None, step: Optional[int] = None,
@@ -127,27 +80,33 @@ def load(config=None, workdir: Optional[str] = None, step: Optional[int] = None,
 
   Args:
     config: a ConfigDict (ignored with ``workdir``); None = :func:`tiny_config`.
-    workdir: a run.py workdir: its ``config.json`` and newest checkpoint.
+    workdir: a run.py workdir: its ``config.json`` and newest checkpoint
+      (``experiment.load``, read-only).
     step: checkpoint step (with ``workdir``).
     seed: parameter seed of a fresh model (``config.seed`` is overridden).
 
   Returns:
     (setup, params, description string).
-  """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from latentdiv import train  # pylint: disable=import-outside-toplevel
 
+  Raises:
+    FileNotFoundError: no checkpoint (or not ``step``) in ``workdir``.
+  """
   if workdir:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    setup = train.build(config)
-    params, restored = restore_params(setup, workdir, step)
-    return setup, params, f"checkpoint {workdir} @ step {restored}"
+    try:
+      run = experiment.load(workdir, step)
+    except ValueError as err:
+      raise FileNotFoundError(str(err)) from None
+    setup = train.build_setup(run.config)
+    # Plain host-backed arrays, like a fresh model's (restored arrays are
+    # committed to a device, which would make every jitted function recompile).
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), run.params)
+    return setup, params, f"checkpoint {workdir} @ step {run.step}"
   config = tiny_config() if config is None else config
   config = ml_collections.ConfigDict(config.to_dict())
   config.seed = seed
-  setup = train.build(config)
-  params = jax.jit(lambda: train.init_state(setup).params)()
+  setup, objective = experiment.build(config)
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)),
+                                  train.init_state(setup, objective).params)
   return setup, params, f"fresh model (seed {seed})"
 
 
@@ -256,7 +215,7 @@ _FLAGS = (  # (kind, name, default, [enum values,] help)
     ("integer", "max_exact_sequences", 64, "Threshold of --mode=auto."),
     ("integer", "batch_size", 2, "Prompts."),
     ("integer", "num_pairs", 0, "Ordered latent pairs per prompt (0 = all K(K-1))."),
-    ("integer", "rollout_len", None, "L (default: config.seq_pg.rollout_len)."),
+    ("integer", "rollout_len", None, "L (default: config.objective.sequence_term.rollout_len)."),
     ("list", "estimators", list(est.ALL_ESTIMATORS), "Estimators."),
     ("list", "baselines", list(baselines.BASELINES), "Baselines."),
     ("integer", "num_samples", 512, "MC: rollouts per (prompt, latent) for the "
@@ -285,7 +244,7 @@ def main(argv, flag_values=None):
     batch = setup.task.sample(jax.random.fold_in(jax.random.PRNGKey(f.seed), 4),
                               f.batch_size)
     result = diagnostics.diagnose(
-        setup.model, params, batch, f.rollout_len or setup.config.seq_pg.rollout_len,
+        setup.model, params, batch, f.rollout_len or setup.config.objective.sequence_term.rollout_len,
         mode=f.mode, num_pairs=f.num_pairs, estimators=f.estimators,
         baselines=f.baselines, num_samples=f.num_samples, num_reference=f.num_reference,
         max_exact_sequences=f.max_exact_sequences, chunk=f.chunk,

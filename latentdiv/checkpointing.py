@@ -125,6 +125,14 @@ def abstract_like(tree: Any) -> Any:
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints in ``workdir/checkpoints``, oldest first (read-only)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> Any:
   """The model parameters saved in ``workdir/checkpoints`` (read-only; nothing else is loaded).
 

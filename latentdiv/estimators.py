@@ -55,12 +55,6 @@ import jax
 import jax.numpy as jnp
 
 from latentdiv import baselines
-# Transition aliases: latentdiv/seq_kl.py and latentdiv/distill.py still call
-# these as estimators.<name>; new code uses latentdiv.baselines.
-from latentdiv.baselines import (  # noqa: F401  pylint: disable=unused-import
-    control_variate_coefficient, ema_update, explained_variance,
-    fit_control_variate_coefficient, init_control_variate_state,
-    jsd_control_variate, leave_one_out_baseline)
 
 Array = chex.Array
 

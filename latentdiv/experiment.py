@@ -51,12 +51,14 @@ class Loaded(NamedTuple):
     task: its task.
     model: its ``LatentTransformer``.
     params: the parameters of its newest (or the requested) checkpoint.
+    step: that checkpoint's step.
   """
 
   config: ml_collections.ConfigDict
   task: tasks_lib.Task
   model: model_lib.LatentTransformer
   params: object
+  step: int
 
 
 def load(workdir: str, step: int | None = None) -> Loaded:
@@ -75,6 +77,9 @@ def load(workdir: str, step: int | None = None) -> Loaded:
   setup = train.build_setup(config)
   abstract = jax.eval_shape(functools.partial(model_lib.init_params, setup.model),
                             jax.random.PRNGKey(0))
+  if step is None:
+    steps = checkpointing.checkpoint_steps(workdir)
+    step = steps[-1] if steps else None
   params = checkpointing.restore_params(workdir, abstract, step)
-  return Loaded(config, setup.task, setup.model, params)
+  return Loaded(config, setup.task, setup.model, params, step)
 

@@ -39,20 +39,6 @@ LogitsFn = Callable[[PyTree, Array, Any], Array]
 MAX_SEQUENCES = 1 << 20
 """Most sequences (or groups of sequences) the oracle enumerates."""
 
-_MOVED_TO_MOMENTS = ("Moments", "estimator_moments", "pair_estimator_moments",
-                     "estimator_gradient_moments", "leave_one_out_gradient_moments",
-                     "opd_gradient_moments")
-
-
-def __getattr__(name):
-  """Transition: tests/test_distill.py and README.md still read the moment
-  functions (now ``latentdiv.moments``) as ``oracle.<name>``."""
-  if name in _MOVED_TO_MOMENTS:
-    from latentdiv import moments  # pylint: disable=import-outside-toplevel
-    return getattr(moments, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------
 # Enumeration.
 # ----------------------------------------------------------------------------

@@ -28,12 +28,6 @@ class NamesTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "allowed"):
       baselines.check_baseline("batch_mean")
 
-  def test_transition_aliases_are_the_same_functions(self):
-    for name in ("leave_one_out_baseline", "ema_update", "explained_variance",
-                 "control_variate_coefficient", "jsd_control_variate",
-                 "fit_control_variate_coefficient", "init_control_variate_state"):
-      self.assertIs(getattr(est, name), getattr(baselines, name), msg=name)
-
 
 class LeaveOneOutTest(chex.TestCase):
 

@@ -173,9 +173,11 @@ class ScaleCasesTest(absltest.TestCase):
 
   def test_rollout_length_case_times_each_length_and_the_long_cache(self):
     records = bench_rollouts.rollout_length_case("tiny", (4, 8), 2, repeats=1,
-                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0)
+                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0,
+                                                 short_len=2)
     self.assertEqual([(r["program"], r["L"], r["M"]) for r in records],
-                     [("rollout", 4, 8), ("rollout", 8, 12), ("rollout_long_cache", 4, 12)])
+                     [("rollout", 4, 8), ("rollout", 8, 12), ("rollout_in_cache", 2, 8),
+                      ("rollout_in_cache", 2, 12), ("rollout_in_cache", 4, 12)])
     for r in records:
       self.assertEqual(r["kind"], "length")
       self.assertAlmostEqual(r["per_token_s"], r["median_s"] / (2 * r["K"] * r["L"]))
@@ -185,9 +187,9 @@ class ScaleCasesTest(absltest.TestCase):
       return dict(kind="vocab", case=case, size="small", B=8, L=64, V=v, K=k, timed=False,
                   peak_memory_bytes=mem, median_s=None)
 
-    def length(program, n, per_token, m):
+    def length(program, n, m, median_s):
       return dict(kind="length", program=program, size="small", B=32, K=4, L=n, P=8, M=m,
-                  median_s=per_token * 128 * n, per_token_s=per_token, peak_memory_bytes=1)
+                  median_s=median_s, per_token_s=median_s / (128 * n), peak_memory_bytes=1)
 
     bound = dict(kind="lower_bound", size="small", B=32, K=4, L=32, V=32, step_s=3.0,
                  sampler_s=0.5, scoring_s=1.5, seq_step_over_lower_bound=1.5,
@@ -197,9 +199,11 @@ class ScaleCasesTest(absltest.TestCase):
         vocab("seq", bench.HEADLINE_V, 4, 100), vocab("seq", bench.HEADLINE_V, 8, 210),
         vocab("rec", bench.HEADLINE_V, 4, 50), vocab("rec", bench.HEADLINE_V, 8, 90),
         bound, dict(bound, size="medium", seq_step_over_lower_bound=1.25),
-        length("rollout", 32, 1e-6, 41), length("rollout", 512, 4e-6, 521),
-        length("rollout_long_cache", 32, 3e-6, 521),
-        length("seq_step", 32, 2e-6, 64), length("seq_step", 512, 5e-6, 1024),
+        # Fixed cost 0.1 s at M = 521 (0.01 s at 41); a step costs 1 ms at M = 41, 3 ms at 521.
+        length("rollout", 32, 41, 0.01 + 32e-3), length("rollout_in_cache", 8, 41, 0.01 + 8e-3),
+        length("rollout", 512, 521, 0.1 + 512 * 3e-3),
+        length("rollout_in_cache", 32, 521, 0.1 + 32 * 3e-3),
+        length("seq_step", 32, 48, 1.0), length("seq_step", 512, 768, 40.0),
     ]
     headline = bench.headline_figures(records, dict(gflops=100.0))
     self.assertAlmostEqual(headline["seq_memory_k8_over_k4"], 2.1)  # At V = 32768, not 32.
@@ -209,13 +213,16 @@ class ScaleCasesTest(absltest.TestCase):
     self.assertIsNone(headline["opd_memory_k8_over_k4"])
     self.assertEqual(headline["seq_step_over_lower_bound"], 1.5)
     self.assertEqual(headline["seq_step_over_lower_bound_medium"], 1.25)
-    self.assertAlmostEqual(headline["rollout_per_token_l512_over_l32"], 4.0)
+    self.assertAlmostEqual(headline["rollout_per_token_l512_over_l32"],
+                           (0.1 + 512 * 3e-3) / 512 / ((0.01 + 32e-3) / 32))
     self.assertAlmostEqual(headline["seq_step_per_token_l512_over_l32"], 2.5)
-    self.assertAlmostEqual(headline["rollout_long_cache_over_short"], 3.0)
-    # c(m) linear through (41, 1e-6) and (521, 3e-6); mean keys 8 + 1 + 511/2 = 264.5.
-    c_mean = 1e-6 + 2e-6 * (264.5 - 41) / 480
+    self.assertAlmostEqual(bench.decode_step_costs(records)[521], 3e-3)
+    self.assertAlmostEqual(headline["decode_step_m521_over_m41"], 3.0)
+    # Step t attends over 9 + t keys, cost linear from 1 ms (M = 41) to 3 ms (M = 521);
+    # keys below 41 cost 1 ms (np.interp clamps).
+    bounded = sum(1e-3 + 2e-3 * max(9 + t - 41, 0) / 480 for t in range(512))
     self.assertAlmostEqual(headline["rollout_bounded_attention_saving_l512"],
-                           1 - c_mean / 4e-6)
+                           (512 * 3e-3 - bounded) / (0.1 + 512 * 3e-3))
     meta = dict(device="cpu", num_devices=1, host="h", jax="x", mode="full", load_start="0",
                 load_end="0", matmul_n=512)
     table = bench.markdown(records, {k: v for k, v in headline.items() if k != "kind"}, meta)

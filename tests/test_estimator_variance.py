@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 from experiments import estimator_variance as ev  # noqa: E402
 from latentdiv import checkpointing  # noqa: E402
 from latentdiv import estimators as est  # noqa: E402
+from latentdiv import experiment  # noqa: E402
 from latentdiv import train  # noqa: E402
 
 
@@ -32,7 +33,8 @@ def _fake_run(workdir):
   """A run.py workdir holding the tiny config and its step-0 state at step 7."""
   setup, params, _ = ev.load()
   # The state's structure with the fresh parameters (the rest is never read).
-  abstract = jax.eval_shape(lambda: train.init_state(setup))
+  _, objective = experiment.build(setup.config)
+  abstract = jax.eval_shape(lambda: train.init_state(setup, objective))
   state = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
                                  abstract).replace(params=params)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -55,7 +57,7 @@ class MainTest(parameterized.TestCase):
     self.assertEqual(setup.model, ev.load()[0].model)
     self.assertEqual(source, f"checkpoint {workdir} @ step 7")
     with self.assertRaises(FileNotFoundError):
-      ev.restore_params(setup, workdir, step=3)
+      ev.load(workdir=workdir, step=3)
 
     out = self.create_tempdir().full_path
     fv = flags.FlagValues()

@@ -348,17 +348,6 @@ class SizesTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "group_size >= 1"):
       oracle.num_sequences(2, 2, group_size=0)
 
-  def test_moved_names_still_resolve(self):
-    # Transition: tests/test_distill.py and README.md read these from the oracle.
-    from latentdiv import moments  # pylint: disable=g-import-not-at-top
-    for name in ("Moments", "estimator_moments", "pair_estimator_moments",
-                 "estimator_gradient_moments", "leave_one_out_gradient_moments",
-                 "opd_gradient_moments"):
-      self.assertIs(getattr(oracle, name), getattr(moments, name))
-    with self.assertRaises(AttributeError):
-      oracle.support_moments  # pylint: disable=pointless-statement
-
-
 
 if __name__ == "__main__":
   absltest.main()

@@ -3,7 +3,7 @@
 * Exact enumeration (DESIGN.md §7) with the actual LatentTransformer as student
   and as (wider) teacher, V = 3 reserved + 2 content ids, L = 3, EOS
   truncation on: every OPD estimator is unbiased for ∇KL(π ‖ q), through
-  ``oracle.opd_gradient_moments`` and through ``opd.opd_loss`` itself
+  ``moments_lib.opd_gradient_moments`` and through ``opd.opd_loss`` itself
   (no baseline, EMA, leave-one-out); the per-token reward is biased. The oracle's
   sums run in float64 on the models' (float32) logits, so "exact" means a
   relative error ≤ 1e-4; the bias detected is ≥ 5%.
@@ -37,6 +37,7 @@ from latentdiv import estimators as est
 from latentdiv import experiment
 from latentdiv import logprobs
 from latentdiv import model as model_lib
+from latentdiv import moments as moments_lib
 from latentdiv import objectives
 from latentdiv import opd
 from latentdiv import oracle
@@ -119,7 +120,7 @@ def _stacked_grads(s_fn, t_fn, s_params, t_params, variants):
 def _enumeration_report(s_fn, t_fn, s_params, t_params):
   """Relative errors ‖E[g] − ∇KL‖ / ‖∇KL‖ of the estimators, all in one program.
 
-  Keys: ``oracle/per_token_reward`` (``oracle.opd_gradient_moments``, i.e.
+  Keys: ``oracle/per_token_reward`` (``moments_lib.opd_gradient_moments``, i.e.
   ``estimators.opd_surrogate``), ``distillation/EST/BASELINE``
   (``opd.opd_loss``, the loss the train step runs, with each
   baseline; leave-one-out over N = 2 responses enumerated in pairs); the exact
@@ -130,16 +131,16 @@ def _enumeration_report(s_fn, t_fn, s_params, t_params):
   err = lambda mean: oracle.relative_error(mean, exact)  # noqa: E731
   out = {}
   # The oracle's own OPD route (estimators.opd_surrogate), for the biased coefficient.
-  out["oracle/per_token_reward"] = err(oracle.opd_gradient_moments(
+  out["oracle/per_token_reward"] = err(moments_lib.opd_gradient_moments(
       s_fn, s_params, t_fn, t_params, est.PER_TOKEN_REWARD, V, L, **kw).mean)
   student_fn = lambda p, y, k: s_fn(p, y)  # noqa: E731
   single = _stacked_grads(s_fn, t_fn, s_params, t_params, SINGLE_VARIANTS)
-  mean = oracle.estimator_moments(lambda y, m: single(y[None], m[None]), student_fn,
+  mean = moments_lib.estimator_moments(lambda y, m: single(y[None], m[None]), student_fn,
                                   s_params, 0, V, L, **kw).mean
   for i, (e, b) in enumerate(SINGLE_VARIANTS):
     out[f"distillation/{e}/{b}"] = err(jax.tree.map(lambda x, i=i: x[i], mean))
   pair = _stacked_grads(s_fn, t_fn, s_params, t_params, PAIR_VARIANTS)
-  mean = oracle.pair_estimator_moments(pair, student_fn, s_params, 0, V, L, **kw).mean
+  mean = moments_lib.pair_estimator_moments(pair, student_fn, s_params, 0, V, L, **kw).mean
   for i, (e, b) in enumerate(PAIR_VARIANTS):
     out[f"distillation/{e}/{b}"] = err(jax.tree.map(lambda x, i=i: x[i], mean))
   out["kl"] = oracle.exact_opd_kl(s_fn, s_params, t_fn, t_params, V, L, **kw)
