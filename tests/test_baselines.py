@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiv import baselines
-from latentdiv import estimators as est
 
 L = 5
 
