@@ -373,7 +373,8 @@ def plan(mode: str, sizes: list[str]) -> dict:
   step's memory at K = 4 and 8, V = 32768 (compiled, not run); < 2 min on 2
   idle cores), 'lengths' (growth with L ∈ {32, 128, 512} only) or
   'smoke' (a 1-layer d=32 model, the rollout cases of the headline, one
-  train step and the rec step's memory at K = 4 and 8: for tests).
+  train step, the rec step's memory at K = 4 and 8 and the rollout length
+  family at L = 16, 32: for tests).
   """
   empty = dict(lower_bounds=[], vocab=[], lengths=[])
   if mode == "smoke":
@@ -382,8 +383,10 @@ def plan(mode: str, sizes: list[str]) -> dict:
                           ("tiny", 64, ("sampler", "no_cache"))],
                 trains=[("tiny", 8, "smoke")],
                 # The cheapest step's memory pair (the seq step and its lower
-                # bound run in tests/test_device_check.py).
-                vocab=[("rec", "tiny", 8, 2, 1024, k, False) for k in VOCAB_LATENTS])
+                # bound run in tests/test_device_check.py), and the rollout
+                # length family at two short L.
+                vocab=[("rec", "tiny", 8, 2, 1024, k, False) for k in VOCAB_LATENTS],
+                lengths=[("rollout", "tiny", (16, 32))])
   if mode == "lengths":
     return dict(empty, repeats=3, budget_s=10.0, matmul_sizes=(512, 1024), rollouts=[],
                 trains=[], lengths=lengths_plan())

@@ -281,8 +281,8 @@ def rollout_length_case(size: str, lengths, batch: int, repeats: int, peak_gflop
   K latents. Programs:
 
   * 'rollout' — L tokens in a cache of M = P + 1 + L, for each L;
-  * 'rollout_in_cache' — ``short_len`` and ``min(lengths)`` tokens in each of
-    those caches (where not already a 'rollout'): at a fixed M, the slope of
+  * 'rollout_in_cache' — ``short_len`` and ``min(lengths)`` tokens (those
+    shorter than the cache's L) in each of those caches: at a fixed M, the slope of
     the time in L is the cost of one decode step at that cache length (the
     attention reads all M preallocated positions), and the intercept the
     rollout's fixed cost (prefill, writing the fresh cache).
@@ -298,7 +298,7 @@ def rollout_length_case(size: str, lengths, batch: int, repeats: int, peak_gflop
   programs = [("rollout", n, prompt_len + 1 + n) for n in lengths]
   for n in lengths:
     for short in sorted({short_len, lengths[0]}):
-      if short != n:
+      if short < n:
         programs.append(("rollout_in_cache", short, prompt_len + 1 + n))
   runs, info = {}, {}
   for program, length, max_len in programs:

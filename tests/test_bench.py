@@ -171,17 +171,6 @@ class ScaleCasesTest(absltest.TestCase):
     fast, _ = bench_util.compile_fn(loss, params, memory_only=True)
     self.assertEqual(bench_util.peak_memory_bytes(full), bench_util.peak_memory_bytes(fast))
 
-  def test_rollout_length_case_times_each_length_and_the_long_cache(self):
-    records = bench_rollouts.rollout_length_case("tiny", (4, 8), 2, repeats=1,
-                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0,
-                                                 short_len=2)
-    self.assertEqual([(r["program"], r["L"], r["M"]) for r in records],
-                     [("rollout", 4, 8), ("rollout", 8, 12), ("rollout_in_cache", 2, 8),
-                      ("rollout_in_cache", 2, 12), ("rollout_in_cache", 4, 12)])
-    for r in records:
-      self.assertEqual(r["kind"], "length")
-      self.assertAlmostEqual(r["per_token_s"], r["median_s"] / (2 * r["K"] * r["L"]))
-
   def test_headline_reads_memory_bound_and_length_records(self):
     def vocab(case, v, k, mem):
       return dict(kind="vocab", case=case, size="small", B=8, L=64, V=v, K=k, timed=False,
@@ -251,9 +240,17 @@ class MainSmokeTest(absltest.TestCase):
       self.assertIsNotNone(headline[key], key)
       self.assertGreater(headline[key], 0.0, key)
     kinds = {line["kind"] for line in lines[:-1]}
-    self.assertEqual(kinds, {"meta", "matmul", "rollout", "train", "vocab"})
+    self.assertEqual(kinds, {"meta", "matmul", "rollout", "train", "vocab", "length"})
     # The memory pair (compiled only): K = 8 needs more than K = 4.
     self.assertGreater(headline["rec_memory_k8_over_k4"], 1.0)
+    # The rollout length family: each L, and short rollouts in each cache.
+    grows = [(r["program"], r["L"], r["M"]) for r in lines if r["kind"] == "length"]
+    self.assertEqual(grows, [("rollout", 16, 25), ("rollout", 32, 41),
+                             ("rollout_in_cache", 8, 25), ("rollout_in_cache", 8, 41),
+                             ("rollout_in_cache", 16, 41)])
+    self.assertGreater(headline["rollout_per_token_l512_over_l32"], 0.0)
+    # A difference of two timings (the slope in L at a fixed M): present, sign not asserted.
+    self.assertIsInstance(headline["decode_step_m521_over_m41"], float)
     rollouts = [r for r in lines if r["kind"] == "rollout"]
     self.assertEqual({r["method"] for r in rollouts}, set(bench_rollouts.ROLLOUT_METHODS))
     for r in rollouts:
@@ -271,13 +268,15 @@ class MainSmokeTest(absltest.TestCase):
     self.assertBetween(train_case["flops_xla"] / train_case["flops_analytic"], 0.9, 1.4)
     with open(out_md) as f:
       table = f.read()
-    for heading in ("## Headline", "## Rollouts", "## Train steps"):
+    for heading in ("## Headline", "## Rollouts", "## Train steps", "## Realistic vocabularies",
+                    "## Growth with length"):
       self.assertIn(heading, table)
 
 
 @pytest.mark.slow
 class TrainCasesTest(absltest.TestCase):
-  """The other train-step kinds (sequence term, OPD, RAML) on the tiny model (slow: compiles)."""
+  """The other train-step kinds (sequence term, OPD, RAML), the length families and the
+  abstract (memory-only) builds on the tiny model (slow: compiles)."""
 
   def test_each_kind_runs_or_is_skipped_with_a_reason(self):
     jsd = {"objective.lambda_jsd": 0.1}
@@ -296,6 +295,17 @@ class TrainCasesTest(absltest.TestCase):
       self.assertGreater(record["median_s"], 0.0)
       self.assertGreater(record["flops_analytic"], 0.0)
       self.assertBetween(record["flops_xla"] / record["flops_analytic"], 0.5, 1.5)
+
+  def test_rollout_length_case_times_each_length_and_each_cache(self):
+    records = bench_rollouts.rollout_length_case("tiny", (4, 8), 2, repeats=1,
+                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0,
+                                                 short_len=2)
+    self.assertEqual([(r["program"], r["L"], r["M"]) for r in records],
+                     [("rollout", 4, 8), ("rollout", 8, 12), ("rollout_in_cache", 2, 8),
+                      ("rollout_in_cache", 2, 12), ("rollout_in_cache", 4, 12)])
+    for r in records:
+      self.assertEqual(r["kind"], "length")
+      self.assertAlmostEqual(r["per_token_s"], r["median_s"] / (2 * r["K"] * r["L"]))
 
   def test_seq_length_case_runs_each_length(self):
     records = bench_steps.seq_length_case("tiny", (4, 8), 2, repeats=1, peak_gflops=1.0,
