@@ -53,8 +53,9 @@ _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 300, "Teacher train steps
 _METHODS = flags.DEFINE_list("methods", list(distill_config.METHODS), "Methods to run.")
 
 LABELS = {
-    "opd_rb": "OPD, rao_blackwell",
-    "opd_kl_to_go": "OPD, kl_to_go (iv)",
+    "opd_rb": "OPD, rao_blackwell, warm-started (100 steps seq-KD)",
+    "opd_rb_cold": "OPD, rao_blackwell, from the random student",
+    "opd_kl_to_go": "OPD, kl_to_go (iv), warm-started",
     "per_token_reward": "per-token reward (biased)",
     "gkd": "GKD, JSD(0.5), λ=0.5",
     "seq_kd": "seq-KD (forward KL)",
