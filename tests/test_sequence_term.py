@@ -36,10 +36,10 @@ class ScheduleTest(parameterized.TestCase):
 
 class SequenceTermTest(parameterized.TestCase):
 
+  # (Every estimator × baseline runs through the whole train step in
+  # tests/objectives/test_diversity.py; here the term's own outputs.)
   @parameterized.parameters(
       dict(estimator="rao_blackwell", baseline="none"),
-      dict(estimator="trajectory", baseline="none"),
-      dict(estimator="reward_to_go_baseline", baseline="leave_one_out", num_rollouts=2),
       dict(estimator="kl_to_go_baseline", baseline="ema"),
   )
   def test_outputs_and_state(self, **kwargs):

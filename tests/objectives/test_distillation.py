@@ -535,11 +535,14 @@ class DistillRunTest(absltest.TestCase):
                                 "objective.loss: 'opd' -> 'seq_kd'"):
       experiment.train_and_evaluate(config, workdir)
 
-  def test_warm_start_switches_in_one_program_and_resumes_across_the_switch(self):
+  def _warm_config(self):
     config = _student_config(_TEACHER["dir"], loss="opd", estimator="rao_blackwell",
                              warm_start="seq_kd", warm_start_steps=3)
     config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 6, 1, 2
-    setup, objective = experiment.build(config)
+    return config
+
+  def test_warm_start_switches_in_one_program(self):
+    setup, objective = experiment.build(self._warm_config())
     state = train.init_state(setup, objective)
     step = train.make_train_step(setup, objective, frozen=objective.frozen())
     phases, seq_kd_nll, reverse_kl = [], [], []
@@ -552,7 +555,11 @@ class DistillRunTest(absltest.TestCase):
     self.assertEqual(phases, [1, 1, 1, 0, 0, 0])
     self.assertTrue(all(v > 0 for v in seq_kd_nll[:3]) and all(v == 0 for v in seq_kd_nll[3:]))
     self.assertTrue(all(v == 0 for v in reverse_kl[:3]) and all(v != 0 for v in reverse_kl[3:]))
+
+  @pytest.mark.slow
+  def test_warm_start_resumes_across_the_switch(self):
     # Interrupted at step 2 (inside the warm start) and resumed: the same run.
+    config = self._warm_config()
     root = self.create_tempdir().full_path
     straight = experiment.train_and_evaluate(config, os.path.join(root, "straight"))
     config.train.num_steps = 2
