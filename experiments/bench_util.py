@@ -34,7 +34,7 @@ import numpy as np
 
 from latentdiv import model as model_lib
 
-# Model sizes (DESIGN.md §10 / issue 7): layers, width, heads, MLP width.
+# Model sizes (DESIGN.md §10): layers, width, heads, MLP width.
 SIZES = {
     "small": dict(num_layers=2, d_model=128, num_heads=4, d_ff=512),
     "medium": dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024),

@@ -1,4 +1,4 @@
-"""Seed 003's comparison: RAML vs maximum likelihood vs label smoothing on a rewarded transduction.
+"""RAML vs maximum likelihood vs label smoothing on a rewarded transduction (Norouzi et al. 2016).
 
     python experiments/raml_compare.py --root=workdir/raml
 

@@ -1,4 +1,4 @@
-"""Seed 000's question: when does the sequence-level KL beat the token-level JSD?
+"""The founding question: when does the sequence-level KL beat the token-level JSD?
 
     python experiments/research.py --root=workdir/research
 
