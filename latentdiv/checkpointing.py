@@ -22,6 +22,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 
+CHECKPOINT_DIR = "checkpoints"  # Inside a run's workdir.
+
+
 class CheckpointError(RuntimeError):
   """No checkpoint in a non-empty checkpoint directory could be restored."""
 
@@ -127,7 +130,7 @@ def abstract_like(tree: Any) -> Any:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the checkpoints in ``workdir/checkpoints``, oldest first (read-only)."""
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
@@ -155,7 +158,7 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
     ValueError: no checkpoint (or not ``step``) in ``workdir/checkpoints``.
     CheckpointError: the checkpoint does not restore.
   """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
   if not os.path.isdir(directory):
     raise ValueError(f"No checkpoints in {directory}: train that run first.")
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),

@@ -96,10 +96,7 @@ def opd_loss(student_logits_GxNxLxV, teacher_logits_GxNxLxV, tokens_GxNxL, mask_
   chex.assert_equal_shape([tokens_GxNxL, mask_GxNxL])
   if baseline not in BASELINES:
     raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}.")
-  if baseline != "none" and not estimators.uses_baseline(estimator):
-    raise ValueError(
-        f"Estimator {estimator!r} takes no baseline; estimators with a baseline: "
-        f"{estimators.BASELINED_ESTIMATORS}.")
+  estimators.check_combination(estimator, baseline)
   if baseline == "ema" and ema_L is None:
     raise ValueError("baseline='ema' needs ema_L, the [L] EMA of the returns.")
   over_gn = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731

@@ -26,10 +26,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from latentdiv import checkpointing
+
 CONFIG_FILE = "config.json"
 LOG_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
 
 
 class ConfigMismatchError(ValueError):
@@ -73,8 +75,7 @@ def differences(old: dict, new: dict) -> list[str]:
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether ``workdir/checkpoints`` holds at least one step."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return bool(checkpointing.checkpoint_steps(workdir))
 
 
 def read_config_record(workdir: str) -> dict | None:
