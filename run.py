@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from latentdiv import checkpointing
 from latentdiv import experiment
+from latentdiv import loop
 from latentdiv import train
 from latentdiv import workdir as workdir_lib
 
@@ -82,10 +83,10 @@ def main(argv):
     raise app.UsageError(str(err)) from None
   try:
     summary = train.train_and_evaluate(setup, objective, workdir)
-  except train.Interrupted as err:
+  except loop.Interrupted as err:
     print(f"Stopped: {err}", file=sys.stderr)
     sys.exit(130)
-  except (workdir_lib.ConfigMismatchError, workdir_lib.WorkdirBusyError, train.NonFiniteError,
+  except (workdir_lib.ConfigMismatchError, workdir_lib.WorkdirBusyError, loop.NonFiniteError,
           checkpointing.CheckpointError) as err:
     print(f"Error: {err}", file=sys.stderr)
     sys.exit(1)

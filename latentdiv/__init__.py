@@ -32,6 +32,7 @@ from latentdiv import edits
 from latentdiv import estimators
 from latentdiv import experiment
 from latentdiv import logprobs
+from latentdiv import loop
 from latentdiv import metrics
 from latentdiv import model
 from latentdiv import objectives

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 WEIGHTINGS = ("uniform", "prefix", "divergence")
-GKD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 # Denominator floor of ``weighted_mean``: with non-negative weights Σ w is
 # either 0 (then the numerator is 0 too and the mean is defined as 0) or >= the
@@ -186,7 +185,7 @@ def generalized_jsd(p_logits: chex.Array, q_logits: chex.Array, beta,
   ``JSD_β/β → KL(P‖Q)`` as β → 0, ``JSD_β/(1−β) → KL(Q‖P)`` as β → 1. Those
   two KLs are ``forward_kl`` and ``reverse_kl``. (TRL's GKD instead switches
   to the plain KLs at exactly β = 0 and β = 1 — a discontinuity; see
-  ``gkd_loss``.) In GKD-style distillation P is the teacher, Q the student.
+  ``opd.gkd_loss``.) In GKD-style distillation P is the teacher, Q the student.
 
   Args:
     p_logits: ``[..., V]`` logits of P.
@@ -249,88 +248,7 @@ def reverse_kl(p_logits: chex.Array, q_logits: chex.Array, temperature=1.0) -> c
   References:
     DESIGN.md §4, §6.
   """
-  _check_temperature(temperature)
-  return kl_from_logits(q_logits / temperature, p_logits / temperature)
-
-
-def gkd_loss(student_logits_BxTxV: chex.Array, teacher_logits_BxTxV: chex.Array,
-             labels_mask_BxT: chex.Array | None = None, beta=0.5, temperature=1.0,
-             reduction: str = "batchmean") -> chex.Array:
-  """TRL's GKD loss: teacher-forced generalised JSD_β(teacher, student).
-
-  Per token: ``JSD_β(P, Q)`` with P = teacher, Q = student (see
-  ``generalized_jsd``), ``M = β P + (1−β) Q``. β → 0 approaches the forward
-  KL(teacher ‖ student), β → 1 the reverse KL(student ‖ teacher) (after
-  division by β, resp. 1−β). Reductions follow TRL's
-  ``GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels,
-  beta, temperature, reduction)``, whose per-element divergence has shape
-  ``[tokens, V]``:
-
-  * ``"batchmean"``: with a mask, Σ over valid tokens / number of valid tokens
-    (TRL: ``jsd.sum() / mask.sum()``); all-masked gives 0 here (TRL: NaN).
-    Without a mask, Σ / B (TRL: ``jsd.sum() / jsd.size(0)``).
-  * ``"sum"``: Σ over valid tokens.
-  * ``"mean"``: Σ / (number of valid tokens · V) — TRL's ``jsd.mean()`` over
-    the ``[tokens, V]`` elements, so it also divides by V; without a mask,
-    Σ / (B·T·V).
-  * ``"none"``: the per-token ``[B, T]`` divergences with masked positions set
-    to 0. (TRL returns the per-vocabulary-entry terms of the valid tokens,
-    a data-dependent shape; summing them over V gives these values.)
-
-  Differences from TRL, on purpose: (1) β = 0 and β = 1 are *not* special
-  cases — the loss is continuous in β and is 0 at both ends (DESIGN.md §4);
-  TRL returns the plain KLs there, use ``forward_kl``/``reverse_kl`` for
-  those. (2) A boolean/0-1 mask replaces TRL's ``labels != -100``; pass
-  ``labels != -100`` to reproduce it. (3) TRL's ``compute_loss`` calls the
-  function without ``temperature`` (it then only affects sampling); here it
-  is applied as given.
-
-  Args:
-    student_logits_BxTxV: ``[B, T, V]`` student logits (Q); gradients flow here.
-    teacher_logits_BxTxV: ``[B, T, V]`` teacher logits (P); same shape. Wrap
-      in ``jax.lax.stop_gradient`` for a frozen teacher.
-    labels_mask_BxT: ``[B, T]`` mask, non-zero = scored token, or ``None``
-      (every token scored, TRL's ``labels=None``).
-    beta: mixing weight in ``[0, 1]``.
-    temperature: > 0; both logits are divided by it first.
-    reduction: one of ``"batchmean"``, ``"sum"``, ``"mean"``, ``"none"``.
-
-  Returns:
-    A scalar, or ``[B, T]`` for ``reduction="none"``.
-
-  References:
-    DESIGN.md §6; Agarwal et al. (2024), GKD, Eq. (1); TRL
-    ``trl/trainer/gkd_trainer.py`` (now ``trl/experimental/gkd``).
-  """
-  if reduction not in GKD_REDUCTIONS:
-    raise ValueError(f"reduction must be one of {GKD_REDUCTIONS}, got {reduction!r}.")
-  chex.assert_rank(student_logits_BxTxV, 3,
-                   custom_message="student_logits_BxTxV must be [batch, time, vocab]")
-  chex.assert_equal_shape(
-      [student_logits_BxTxV, teacher_logits_BxTxV],
-      custom_message="student_logits_BxTxV and teacher_logits_BxTxV must have the same shape")
-  batch, time, vocab = student_logits_BxTxV.shape
-  if labels_mask_BxT is not None:
-    chex.assert_shape(labels_mask_BxT, (batch, time),
-                      custom_message="labels_mask_BxT must be [batch, time] of the logits")
-  jsd_BxT = generalized_jsd(teacher_logits_BxTxV, student_logits_BxTxV, beta, temperature)
-  if labels_mask_BxT is None:
-    per_token = jsd_BxT
-    num_tokens = jnp.asarray(batch * time, jsd_BxT.dtype)
-    batchmean_denominator = jnp.asarray(batch, jsd_BxT.dtype)
-  else:
-    mask = _as_float_mask(labels_mask_BxT, jsd_BxT.dtype)
-    per_token = jnp.where(mask > 0, jsd_BxT, 0.0)
-    num_tokens = jnp.sum(mask)
-    batchmean_denominator = jnp.maximum(num_tokens, 1.0)
-  if reduction == "none":
-    return per_token
-  total = jnp.sum(per_token)
-  if reduction == "sum":
-    return total
-  if reduction == "batchmean":
-    return total / batchmean_denominator
-  return total / jnp.maximum(num_tokens * vocab, 1.0)  # "mean"
+  return forward_kl(q_logits, p_logits, temperature)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ runs them in a train step is ``latentdiv.objectives.distillation``.
   ``+∇ KL(π_θ ‖ q)`` for the unbiased estimators, with the practitioners'
   variants (discount, length normalisation) as options;
 * :func:`seq_kd_loss` — sequence-level KD (Kim & Rush 2016);
+* :func:`gkd_loss` — TRL's GKD loss, the teacher-forced JSD_β (Agarwal et al. 2024);
 * :func:`sequence_reverse_kl` and :func:`reverse_kl_summary` — the
   Monte-Carlo sequence reverse KL with its confidence interval.
 """
@@ -21,9 +22,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from latentdiv import divergences
 from latentdiv import estimators
 from latentdiv import logprobs
 from latentdiv import metrics as metrics_lib
+
+GKD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+"""The reductions of :func:`gkd_loss` (TRL's names)."""
 
 BASELINES = ("none", "leave_one_out", "ema")
 """The baselines of OPD (``baselines.BASELINES`` less the inter-latent ``jsd``)."""
@@ -130,6 +135,87 @@ def seq_kd_loss(student_logits_BxLxV, tokens_BxL, mask_BxL) -> jax.Array:
   chex.assert_rank([student_logits_BxLxV, tokens_BxL, mask_BxL], [3, 2, 2])
   return -jnp.mean(jax.vmap(logprobs.sequence_log_likelihood)(
       student_logits_BxLxV, tokens_BxL.astype(jnp.int32), mask_BxL))
+
+
+def gkd_loss(student_logits_BxTxV: chex.Array, teacher_logits_BxTxV: chex.Array,
+             labels_mask_BxT: chex.Array | None = None, beta=0.5, temperature=1.0,
+             reduction: str = "batchmean") -> chex.Array:
+  """TRL's GKD loss: teacher-forced generalised JSD_β(teacher, student).
+
+  Per token: ``JSD_β(P, Q)`` with P = teacher, Q = student (see
+  ``divergences.generalized_jsd``), ``M = β P + (1−β) Q``. β → 0 approaches the forward
+  KL(teacher ‖ student), β → 1 the reverse KL(student ‖ teacher) (after
+  division by β, resp. 1−β). Reductions follow TRL's
+  ``GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels,
+  beta, temperature, reduction)``, whose per-element divergence has shape
+  ``[tokens, V]``:
+
+  * ``"batchmean"``: with a mask, Σ over valid tokens / number of valid tokens
+    (TRL: ``jsd.sum() / mask.sum()``); all-masked gives 0 here (TRL: NaN).
+    Without a mask, Σ / B (TRL: ``jsd.sum() / jsd.size(0)``).
+  * ``"sum"``: Σ over valid tokens.
+  * ``"mean"``: Σ / (number of valid tokens · V) — TRL's ``jsd.mean()`` over
+    the ``[tokens, V]`` elements, so it also divides by V; without a mask,
+    Σ / (B·T·V).
+  * ``"none"``: the per-token ``[B, T]`` divergences with masked positions set
+    to 0. (TRL returns the per-vocabulary-entry terms of the valid tokens,
+    a data-dependent shape; summing them over V gives these values.)
+
+  Differences from TRL, on purpose: (1) β = 0 and β = 1 are *not* special
+  cases — the loss is continuous in β and is 0 at both ends (DESIGN.md §4);
+  TRL returns the plain KLs there, use ``divergences.forward_kl``/``reverse_kl`` for
+  those. (2) A boolean/0-1 mask replaces TRL's ``labels != -100``; pass
+  ``labels != -100`` to reproduce it. (3) TRL's ``compute_loss`` calls the
+  function without ``temperature`` (it then only affects sampling); here it
+  is applied as given.
+
+  Args:
+    student_logits_BxTxV: ``[B, T, V]`` student logits (Q); gradients flow here.
+    teacher_logits_BxTxV: ``[B, T, V]`` teacher logits (P); same shape. Wrap
+      in ``jax.lax.stop_gradient`` for a frozen teacher.
+    labels_mask_BxT: ``[B, T]`` mask, non-zero = scored token, or ``None``
+      (every token scored, TRL's ``labels=None``).
+    beta: mixing weight in ``[0, 1]``.
+    temperature: > 0; both logits are divided by it first.
+    reduction: one of ``"batchmean"``, ``"sum"``, ``"mean"``, ``"none"``.
+
+  Returns:
+    A scalar, or ``[B, T]`` for ``reduction="none"``.
+
+  References:
+    DESIGN.md §6; Agarwal et al. (2024), GKD, Eq. (1); TRL
+    ``trl/trainer/gkd_trainer.py`` (now ``trl/experimental/gkd``).
+  """
+  if reduction not in GKD_REDUCTIONS:
+    raise ValueError(f"reduction must be one of {GKD_REDUCTIONS}, got {reduction!r}.")
+  chex.assert_rank(student_logits_BxTxV, 3,
+                   custom_message="student_logits_BxTxV must be [batch, time, vocab]")
+  chex.assert_equal_shape(
+      [student_logits_BxTxV, teacher_logits_BxTxV],
+      custom_message="student_logits_BxTxV and teacher_logits_BxTxV must have the same shape")
+  batch, time, vocab = student_logits_BxTxV.shape
+  if labels_mask_BxT is not None:
+    chex.assert_shape(labels_mask_BxT, (batch, time),
+                      custom_message="labels_mask_BxT must be [batch, time] of the logits")
+  jsd_BxT = divergences.generalized_jsd(teacher_logits_BxTxV, student_logits_BxTxV, beta, temperature)
+  if labels_mask_BxT is None:
+    per_token = jsd_BxT
+    num_tokens = jnp.asarray(batch * time, jsd_BxT.dtype)
+    batchmean_denominator = jnp.asarray(batch, jsd_BxT.dtype)
+  else:
+    mask = (jnp.asarray(labels_mask_BxT) != 0).astype(jsd_BxT.dtype)
+    per_token = jnp.where(mask > 0, jsd_BxT, 0.0)
+    num_tokens = jnp.sum(mask)
+    batchmean_denominator = jnp.maximum(num_tokens, 1.0)
+  if reduction == "none":
+    return per_token
+  total = jnp.sum(per_token)
+  if reduction == "sum":
+    return total
+  if reduction == "batchmean":
+    return total / batchmean_denominator
+  return total / jnp.maximum(num_tokens * vocab, 1.0)  # "mean"
+
 
 
 def reverse_kl_summary(reverse_kl_BxK: jax.Array, level: float = 0.95) -> dict:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -409,3 +410,25 @@ def make_task(name: str, **kwargs) -> Task:
   if name not in _FACTORIES:
     raise ValueError(f"Unknown task {name!r}; allowed: {TASKS}.")
   return _FACTORIES[name](**kwargs)
+
+
+def from_config(task_config) -> Task:
+  """The task of a config's ``task`` section: ``make_task(name, **fields)``.
+
+  Each factory takes the fields of the section that name its keyword
+  arguments (``inspect.signature``), so adding a task is its factory here,
+  its entry in ``_FACTORIES`` and its fields in ``config.loop_config``.
+
+  Raises:
+    ValueError: unknown name or inconsistent fields, prefixed with
+      ``config.task``.
+  """
+  name = task_config.name
+  if name not in _FACTORIES:
+    raise ValueError(f"config.task.name must be one of {TASKS}, got {name!r}.")
+  accepted = inspect.signature(_FACTORIES[name]).parameters
+  kwargs = {k: task_config[k] for k in accepted if k in task_config}
+  try:
+    return make_task(name, **kwargs)
+  except ValueError as err:
+    raise ValueError(f"config.task is inconsistent: {err}") from err

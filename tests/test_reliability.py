@@ -53,8 +53,10 @@ from latentdiv import checkpointing
 from latentdiv import divergences
 from latentdiv import estimators
 from latentdiv import experiment
+from latentdiv import loop
 from latentdiv import logprobs
 from latentdiv import objectives
+from latentdiv import opd
 from latentdiv import raml
 from latentdiv import reconstruction
 from latentdiv import sequence_term
@@ -733,7 +735,7 @@ class ShapeMessageTest(parameterized.TestCase):
       ("token_jsd", lambda z: divergences.token_jsd(z(2, 3, 5), z(4)), ("mask_T",)),
       ("pairwise_token_jsd", lambda z: divergences.pairwise_token_jsd(z(2, 3, 5), z(4)),
        ("mask_T",)),
-      ("gkd_loss", lambda z: divergences.gkd_loss(z(2, 3, 5), z(2, 4, 5)),
+      ("gkd_loss", lambda z: opd.gkd_loss(z(2, 3, 5), z(2, 4, 5)),
        ("teacher_logits_BxTxV",)),
       ("sequence_log_likelihood", lambda z: logprobs.sequence_log_likelihood(
           z(3, 5), jnp.zeros(4, jnp.int32), z(4)), ("logits_TxV", "tokens_T")),
@@ -948,7 +950,7 @@ class InterruptTest(parameterized.TestCase):
     out = io.StringIO()
     handler_before = signal.getsignal(signal.SIGINT)
     with _interrupt_at(10), contextlib.redirect_stdout(out):
-      with self.assertRaisesRegex(train.Interrupted, r"SIGINT at step 10"):
+      with self.assertRaisesRegex(loop.Interrupted, r"SIGINT at step 10"):
         experiment.train_and_evaluate(config, workdir)
     self.assertIn("checkpoint saved at step 10", out.getvalue())
     self.assertEqual(_checkpoint_steps(workdir)[-1], 10)
@@ -967,7 +969,7 @@ class InterruptTest(parameterized.TestCase):
     config = tiny_config()
     config.train.num_steps = 20
     with _interrupt_at(10), contextlib.redirect_stdout(io.StringIO()):
-      with self.assertRaises(train.Interrupted):
+      with self.assertRaises(loop.Interrupted):
         experiment.train_and_evaluate(config, workdir)
     self.assertIn(10, [r["step"] for r in _log_records(workdir)])  # log_every = 5.
 
@@ -1104,7 +1106,7 @@ class NonFiniteTest(parameterized.TestCase):
     with mock.patch.object(train, "init_state", poisoned_init), \
         contextlib.redirect_stdout(io.StringIO()):
       with self.assertRaisesRegex(
-          train.NonFiniteError,
+          loop.NonFiniteError,
           rf"3 consecutive steps ending at step 3 .*checkpoint is step 2 in "
           rf"{re.escape(os.path.join(workdir, 'checkpoints'))}"):
         experiment.train_and_evaluate(config, workdir)
@@ -1166,7 +1168,7 @@ class ExtremeLogitsTest(chex.TestCase):
             l, mask_T, w, prefix_len=1).value
         out[f"pairwise_jsd/{weighting}"] = lambda l, w=weighting: divergences.pairwise_token_jsd(
             l, mask_T, w, prefix_len=1).value[0, 1]
-      out["gkd"] = lambda l: divergences.gkd_loss(l[1][None], l[0][None], mask_T[None])
+      out["gkd"] = lambda l: opd.gkd_loss(l[1][None], l[0][None], mask_T[None])
       loglik = lambda l: jnp.stack([  # noqa: E731
           logprobs.sequence_log_likelihood(l[k], unlikely, mask_T)
           for k in (0, 1)])[None, :]

@@ -360,7 +360,7 @@ class Distillation(train.Objective):
       else:
         tokens, mask = off_tokens, off_mask
       s_logits, t_logits = score(tokens)
-      loss = divergences.gkd_loss(s_logits, t_logits, mask, d.gkd_beta, tau, "batchmean")
+      loss = opd.gkd_loss(s_logits, t_logits, mask, d.gkd_beta, tau, "batchmean")
       reverse_kl, on_f = (sequence_reverse_kl(s_logits, t_logits, tokens, mask),
                           on_policy.astype(jnp.float32))
       metrics.update(on_policy_fraction=jnp.mean(on_f),
