@@ -7,19 +7,23 @@ Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
 * ``latentdiv.model`` / ``latentdiv.sampling`` — latent-conditioned Transformer,
   KV-cached scanned rollouts vmapped over latents, K×K scoring (§1, §10)
 * ``latentdiv.reconstruction`` — hard-EM / soft-EM over latents (§3)
-* ``latentdiv.divergences`` — token-level JSD proxy, JSD_β, GKD loss (§4)
+* ``latentdiv.divergences`` — token-level JSD proxy, JSD_β, KL (§4)
 * ``latentdiv.estimators`` / ``latentdiv.baselines`` — policy-gradient
-  estimators of a sequence KL's gradient and their baselines (§5.3–5.4, §6)
+  estimators of a sequence KL's gradient and their baselines (§5.3–5.4, §6);
+  ``latentdiv.surrogates`` — their single-rollout forms
 * ``latentdiv.sequence_term`` — the sequence-level inter-latent term (§5)
-* ``latentdiv.opd`` — on-policy distillation losses (§6)
-* ``latentdiv.oracle`` — exact enumeration: exact KL, gradients, estimator
-  mean and variance on tiny vocabularies (§7)
+* ``latentdiv.opd`` — on-policy distillation losses, GKD (§6)
+* ``latentdiv.oracle`` / ``latentdiv.moments`` / ``latentdiv.model_oracle`` —
+  exact enumeration: exact KL, gradients, estimator mean and variance on tiny
+  vocabularies, the Transformer as an enumerable model (§7);
+  ``latentdiv.diagnostics`` — the estimator × baseline diagnostics
 * ``latentdiv.payoff`` / ``latentdiv.edits`` / ``latentdiv.raml`` — exponentiated-payoff
   samplers (Hamming exact, edit distance approximate), RAML losses, label smoothing (§8)
 * ``latentdiv.tasks`` / ``latentdiv.metrics`` — synthetic strategy tasks and
   coverage metrics (§9)
 * ``latentdiv.objectives`` — the objectives (``diversity``, ``distillation``),
-  peers on the one loop of ``latentdiv.train``
+  peers on the one train step of ``latentdiv.train`` and the host loop of
+  ``latentdiv.loop``
 * ``latentdiv.experiment`` — ``train_and_evaluate(config, workdir)`` and
   ``load(workdir)``, what ``run.py`` and users call
 """
@@ -44,6 +48,7 @@ from latentdiv import reconstruction
 from latentdiv import sampling
 from latentdiv import sequence_term
 from latentdiv import sharding
+from latentdiv import surrogates
 from latentdiv import tasks
 from latentdiv import train
 from latentdiv import vocab

@@ -319,3 +319,42 @@ def explained_variance(returns: Array,
   resid = var(returns - baseline)
   return jnp.where(var_r > 0, 1.0 - resid / jnp.where(var_r > 0, var_r, 1.0),
                    0.0)
+
+
+def fitted_constants(returns_ExMxNxL: Array, mask_MxNxL: Array, weights_MxN: Array,
+                       jsd_to_go_MxL: Array):
+  """The converged ``ema`` baseline and the least-squares JSD control-variate coefficient.
+
+  What an online ``ema`` baseline and the online control-variate fit tend to,
+  computed at once from (exactly or Monte-Carlo) weighted rollouts: the
+  estimator diagnostics use them to report the best these baselines can do.
+
+  Over M cells, N weighted rollouts each and the L positions::
+
+    ema_e[t] = Σ_{m,n} w_mn mask_mnt R^e_mnt / Σ_{m,n} w_mn mask_mnt
+    c_e      = Cov(R^e, J) / Var(J)   (weights w_mn mask_mnt)
+
+  (``baselines.position_mean`` and one update at decay 0 of
+  ``baselines.fit_control_variate_coefficient``).
+
+  Args:
+    returns_ExMxNxL: [E, M, N, L] returns of E estimators.
+    mask_MxNxL: [M, N, L] masks.
+    weights_MxN: [M, N] rollout weights (probabilities, or 1).
+    jsd_to_go_MxL: [M, L] J_t of each cell.
+
+  Returns:
+    (ema [E, L], c [E]).
+
+  References:
+    DESIGN.md §5.4.
+  """
+  chex.assert_rank([returns_ExMxNxL, mask_MxNxL, weights_MxN, jsd_to_go_MxL],
+                   [4, 3, 2, 2], exception_type=ValueError)
+  w = weights_MxN[:, :, None] * mask_MxNxL.astype(weights_MxN.dtype)
+  jsd = jnp.broadcast_to(jsd_to_go_MxL[:, None, :], mask_MxNxL.shape)
+  state = init_control_variate_state(returns_ExMxNxL.dtype)
+  ema = jnp.stack([position_mean(r, w) for r in returns_ExMxNxL])
+  c = jnp.stack([fit_control_variate_coefficient(
+      state, r, jsd, 0.0, mask=w)[1] for r in returns_ExMxNxL])
+  return ema, c

@@ -30,7 +30,6 @@ with ``c = Cov(R, Ĵ) / Var(Ĵ)`` fitted on the same data as ``ema``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any, NamedTuple, Optional, Sequence
@@ -42,12 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiv import baselines as baselines_lib
+from latentdiv import diagnostics_summary
 from latentdiv import divergences
 from latentdiv import estimators as est
 from latentdiv import model as model_lib
+from latentdiv import model_oracle
 from latentdiv import moments
 from latentdiv import oracle
-from latentdiv import sampling
 from latentdiv import vocab
 
 Array = chex.Array
@@ -117,72 +117,14 @@ def all_cells(batch_size: int, num_latents: int, num_pairs: int = 0,
   return [(b, i, j) for b in range(batch_size) for i, j in pairs]
 
 
-def make_logits_fn(model: model_lib.LatentTransformer, prompt_P: Array):
-  """The model at a fixed prompt as an oracle ``logits_fn(params, tokens_NxL, latent)``.
-
-  Row t of the logits is the next-token distribution of y_t given
-  (x, y_<t, z) with x = ``prompt_P`` (teacher forced), as ``latentdiv.oracle``
-  expects.
-
-  References:
-    DESIGN.md §7.
-  """
-  chex.assert_rank(prompt_P, 1, custom_message="argument: prompt_P",
-                   exception_type=ValueError)
-
-  def logits_fn(params, tokens_NxL, latent):
-    n = tokens_NxL.shape[0]
-    prompt = jnp.broadcast_to(prompt_P[None, :], (n, prompt_P.shape[0]))
-    return model_lib.teacher_forced_logits(model, params, prompt, tokens_NxL,
-                                           jnp.full((n,), latent, jnp.int32))
-
-  return logits_fn
-
-
-def to_float64(model: model_lib.LatentTransformer, params: PyTree):
-  """A float64 copy of the model and its parameters (use inside ``jax.enable_x64``).
-
-  The Transformer still rounds its attention weights and output logits to
-  float32 (``latentdiv/model.py``); the exact gradient and the estimators see
-  the same rounded function, so they agree to ~1e-7 relative.
-  """
-  cfg = dataclasses.replace(model.config, dtype="float64")
-  return (model_lib.LatentTransformer(cfg),
-          jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params))
-
-
 def _ravel(tree):
   return flatten_util.ravel_pytree(tree)[0]
-
-
-def exact_sequences(vocab_size: int, length: int):
-  """Every output the model can emit: canonical EOS-truncated, no PAD/BOS before EOS.
-
-  The rows of ``oracle.all_sequences`` left out have probability exactly 0
-  under the Transformer (it never emits PAD or BOS; non-canonical rows are
-  not outputs).
-
-  Returns:
-    (tokens [N, L] int32, mask [N, L] float32, index [N] rows in
-    ``oracle.all_sequences``).
-  """
-  tokens = np.asarray(oracle.all_sequences(vocab_size, length))
-  mask, canonical = map(np.asarray, oracle.truncation_mask(
-      jnp.asarray(tokens), eos_id=vocab.EOS, pad_id=vocab.PAD))
-  never = np.isin(tokens, [vocab.PAD, vocab.BOS]) & (mask > 0)
-  index = np.flatnonzero(canonical & ~never.any(axis=-1))
-  return jnp.asarray(tokens[index]), jnp.asarray(mask[index]), jnp.asarray(index)
-
-
-def num_exact_sequences(alphabet_size: int, length: int) -> int:
-  """How many outputs exact mode enumerates: ``Σ_{k<L} A^k + A^L``."""
-  return sum(alphabet_size**k for k in range(length)) + alphabet_size**length
 
 
 @functools.partial(jax.jit, static_argnames=("model", "length"))
 def exact_reference(model, params, prompt_P, i, j, index_N, *, length):
   """Exact ``D_ij``, ``∇_θ D_ij`` (flattened) and ``p_i(y)`` of rows ``index_N`` (DESIGN.md §7)."""
-  logits_fn = make_logits_fn(model, prompt_P)
+  logits_fn = model_oracle.make_logits_fn(model, prompt_P)
   args = (model.config.vocab_size, length, vocab.EOS, vocab.PAD)
   kl, grad = jax.value_and_grad(
       lambda p: oracle.exact_kl(logits_fn, p, i, j, *args))(params)
@@ -214,46 +156,11 @@ def rollout_returns(model, params, prompt_P, i, j, tokens_NxL, mask_NxL):
   Row 0 (``trajectory``) holds ``R = Σ_t r_t`` at every position: its mean
   over y ~ p_i is D_ij. No gradient.
   """
-  logits_fn = make_logits_fn(model, prompt_P)
+  logits_fn = model_oracle.make_logits_fn(model, prompt_P)
   terms = jax.vmap(est.per_token_terms)(logits_fn(params, tokens_NxL, i),
                                         logits_fn(params, tokens_NxL, j), tokens_NxL)
   return jnp.stack([est.policy_gradient(name, terms, mask_NxL).returns
                     for name in RETURN_ESTIMATORS])
-
-
-def baseline_constants(returns_ExMxNxL: Array, mask_MxNxL: Array, weights_MxN: Array,
-                       jsd_to_go_MxL: Array):
-  """The pooled ``ema`` baseline and the fitted JSD control-variate coefficient.
-
-  Over M cells, N weighted rollouts each and the L positions::
-
-    ema_e[t] = Σ_{m,n} w_mn mask_mnt R^e_mnt / Σ_{m,n} w_mn mask_mnt
-    c_e      = Cov(R^e, J) / Var(J)   (weights w_mn mask_mnt)
-
-  (``baselines.position_mean`` and one update at decay 0 of
-  ``baselines.fit_control_variate_coefficient``).
-
-  Args:
-    returns_ExMxNxL: [E, M, N, L] returns of E estimators.
-    mask_MxNxL: [M, N, L] masks.
-    weights_MxN: [M, N] rollout weights (probabilities, or 1).
-    jsd_to_go_MxL: [M, L] J_t of each cell.
-
-  Returns:
-    (ema [E, L], c [E]).
-
-  References:
-    DESIGN.md §5.4.
-  """
-  chex.assert_rank([returns_ExMxNxL, mask_MxNxL, weights_MxN, jsd_to_go_MxL],
-                   [4, 3, 2, 2], exception_type=ValueError)
-  w = weights_MxN[:, :, None] * mask_MxNxL.astype(weights_MxN.dtype)
-  jsd = jnp.broadcast_to(jsd_to_go_MxL[:, None, :], mask_MxNxL.shape)
-  state = baselines_lib.init_control_variate_state(returns_ExMxNxL.dtype)
-  ema = jnp.stack([baselines_lib.position_mean(r, w) for r in returns_ExMxNxL])
-  c = jnp.stack([baselines_lib.fit_control_variate_coefficient(
-      state, r, jsd, 0.0, mask=w)[1] for r in returns_ExMxNxL])
-  return ema, c
 
 
 def _cell_constants(model, params, prompts_BxP, targets_BxT, target_mask_BxT, cells,
@@ -264,7 +171,7 @@ def _cell_constants(model, params, prompts_BxP, targets_BxT, target_mask_BxT, ce
                        length=length)
   returns = jnp.stack([rollout_returns(model, params, prompts_BxP[b], i, j, y, m)
                        for (b, i, j), (y, m, _) in zip(cells, rollouts)], axis=1)
-  ema, c = baseline_constants(returns, jnp.stack([m for _, m, _ in rollouts]),
+  ema, c = baselines_lib.fitted_constants(returns, jnp.stack([m for _, m, _ in rollouts]),
                               jnp.stack([w for _, _, w in rollouts]),
                               jnp.stack([jsd[b, i, j] for b, i, j in cells]))
   return jsd, returns, ema, c
@@ -286,7 +193,7 @@ def _cell_baselines(combos, ema_ExL, c_E, jsd_to_go_L):
 @functools.partial(jax.jit, static_argnames=("model", "combos"))
 def _chunk_moments(model, params, prompt_P, i, j, support, values_CxL, factors_2xC,
                    ref_P, *, combos):
-  logits_fn = make_logits_fn(model, prompt_P)
+  logits_fn = model_oracle.make_logits_fn(model, prompt_P)
   values = jnp.broadcast_to(values_CxL[:, None, :],
                             (len(combos), 2, values_CxL.shape[1]))
   loo = np.asarray([c.rollouts == 2 for c in combos])
@@ -402,7 +309,7 @@ def exact_diagnostics(model, params, prompts_BxP: Array, targets_BxT: Array,
   Raises:
     ValueError: too many pairs, or the outputs' probabilities do not sum to 1.
   """
-  tokens, mask, index = exact_sequences(model.config.vocab_size, length)
+  tokens, mask, index = model_oracle.exact_sequences(model.config.vocab_size, length)
   n = tokens.shape[0]
   if any(c.rollouts == 2 for c in combos) and n * (n + 1) // 2 > MAX_EXACT_PAIRS:
     raise ValueError(
@@ -439,18 +346,6 @@ def exact_diagnostics(model, params, prompts_BxP: Array, targets_BxT: Array,
                       _cell_baselines(combos, ema, c, jsd[b, i, j]), 0.5, ref, chunk)
     out.append(_stats((b, i, j), m, None, combos, ref, kl))
   return out
-
-
-def sample_rollouts(model, params, prompts_BxP: Array, key: Array, length: int, num: int):
-  """(tokens [B, K, num, L], mask [B, K, num, L]): ``sampling.sample`` per (prompt, latent)."""
-  batch, prompt_len = prompts_BxP.shape
-  k = model.config.num_latents
-  prompts = jnp.broadcast_to(prompts_BxP[:, None, None, :], (batch, k, num, prompt_len))
-  latents = jnp.broadcast_to(jnp.arange(k)[None, :, None], (batch, k, num))
-  rollout = sampling.sample(model, params, prompts.reshape(-1, prompt_len),
-                            latents.reshape(-1), key, length)
-  shape = (batch, k, num, length)
-  return rollout.tokens.reshape(shape), rollout.mask.reshape(shape)
 
 
 def monte_carlo_diagnostics(model, params, prompts_BxP: Array, targets_BxT: Array,
@@ -493,9 +388,9 @@ def monte_carlo_diagnostics(model, params, prompts_BxP: Array, targets_BxT: Arra
     raise ValueError(f"num_samples and num_reference must be even and >= 4, got "
                      f"{num_samples}, {num_reference}.")
   ref_key, eval_key = jax.random.split(key)
-  ref_tokens, ref_mask = sample_rollouts(model, params, prompts_BxP, ref_key, length,
+  ref_tokens, ref_mask = model_oracle.sample_rollouts(model, params, prompts_BxP, ref_key, length,
                                          num_reference)
-  tokens, mask = sample_rollouts(model, params, prompts_BxP, eval_key, length, num_samples)
+  tokens, mask = model_oracle.sample_rollouts(model, params, prompts_BxP, eval_key, length, num_samples)
   dtype = _ravel(params).dtype
   ref_mask, mask = ref_mask.astype(dtype), mask.astype(dtype)
   jsd, returns, ema, c = _cell_constants(
@@ -524,67 +419,6 @@ def monte_carlo_diagnostics(model, params, prompts_BxP: Array, targets_BxT: Arra
     out.append(_stats((b, i, j), moments_, num_samples, combos, ref, kl_samples[m].mean(),
                       kl_samples[m].std(ddof=1) / np.sqrt(num_reference), ref_stderr))
   return out
-
-
-def cell_metrics(stats: CellStats, combos: tuple[Combo, ...]) -> list[dict]:
-  """Per-combo metrics of one cell.
-
-  ``norm_ratio = ‖E g‖/‖∇D‖``, ``cosine = cos(E g, ∇D)``,
-  ``rel_err = ‖E g − ∇D‖/‖∇D‖``, ``noise`` = the RMS relative error an
-  unbiased estimator would show from sampling alone,
-  ``sqrt(Var/n + ref_stderr²)`` (0 in exact mode), ``variance``,
-  ``signal = ‖E g‖²`` (in MC mode estimated by ``‖ḡ‖² − Var/n``),
-  ``snr = signal/Var``, ``cos_one = E cos(g, ∇D)``.
-  """
-  ref = np.asarray(stats.ref, np.float64)
-  tiny = np.finfo(np.float64).tiny
-  ref_norm = max(float(np.linalg.norm(ref)), tiny)
-  rows = []
-  for c, combo in enumerate(combos):
-    mean = np.asarray(stats.mean[c], np.float64)
-    var = max(float(stats.variance[c]), 0.0)
-    n = float(stats.num_estimates[c])
-    sampling_var = var / n if np.isfinite(n) else 0.0  # Var of the sample mean.
-    norm = float(np.linalg.norm(mean))
-    signal = max(norm**2 - sampling_var, 0.0)
-    rows.append(dict(
-        estimator=combo.estimator, baseline=combo.baseline, rollouts=combo.rollouts,
-        norm_ratio=norm / ref_norm, cosine=float(mean @ ref) / max(norm * ref_norm, tiny),
-        rel_err=float(np.linalg.norm(mean - ref)) / ref_norm,
-        noise=float(np.sqrt(sampling_var / ref_norm**2 + stats.ref_stderr**2)),
-        variance=var, signal=signal, snr=signal / var if var > 0 else float("inf"),
-        cos_one=float(stats.cos_one[c])))
-  return rows
-
-
-def summarize(cell_stats: Sequence[CellStats], combos: tuple[Combo, ...]) -> list[dict]:
-  """One row per combo, aggregated over the cells.
-
-  Means over the cells, except: ``rel_err_max`` is the largest relative
-  error; ``snr`` = mean ‖E g‖² / mean Var (a ratio of means: one
-  near-deterministic cell with Var ≈ 0 would dominate a mean of ratios);
-  ``var_ratio`` = mean variance / that of ``trajectory`` (NaN when not
-  evaluated); ``var_x_rollouts`` = variance × rollouts per estimate (the
-  variance at equal rollout cost).
-  """
-  per_cell = [cell_metrics(s, combos) for s in cell_stats]
-  rows = []
-  for c, first in enumerate(per_cell[0]):
-    cells = [m[c] for m in per_cell]
-    avg = lambda k: float(np.mean([m[k] for m in cells]))  # noqa: E731
-    variance = avg("variance")
-    rows.append(dict(
-        estimator=first["estimator"], baseline=first["baseline"],
-        rollouts=first["rollouts"], norm_ratio=avg("norm_ratio"), cosine=avg("cosine"),
-        rel_err=avg("rel_err"), rel_err_max=float(np.max([m["rel_err"] for m in cells])),
-        noise=avg("noise"), variance=variance, var_x_rollouts=variance * first["rollouts"],
-        snr=avg("signal") / variance if variance > 0 else float("inf"),
-        cos_one=avg("cos_one")))
-  traj = [r["variance"] for r in rows
-          if r["estimator"] == est.TRAJECTORY and r["baseline"] == baselines_lib.NONE]
-  for r in rows:
-    r["var_ratio"] = r["variance"] / traj[0] if traj and traj[0] > 0 else float("nan")
-  return rows
 
 
 def diagnose(model, params, batch, rollout_len: int, *, mode: str = "auto",
@@ -625,7 +459,7 @@ def diagnose(model, params, batch, rollout_len: int, *, mode: str = "auto",
   if not 1 <= rollout_len <= batch.target.shape[1]:
     raise ValueError(f"rollout_len must be in [1, {batch.target.shape[1]}], got "
                      f"{rollout_len}.")
-  count = num_exact_sequences(model.config.vocab_size - vocab.NUM_RESERVED, rollout_len)
+  count = model_oracle.num_exact_sequences(model.config.vocab_size - vocab.NUM_RESERVED, rollout_len)
   if mode == "auto":
     mode = "exact" if count <= max_exact_sequences else "mc"
   if precision == "auto":
@@ -637,7 +471,7 @@ def diagnose(model, params, batch, rollout_len: int, *, mode: str = "auto",
   cells = all_cells(batch_size, model.config.num_latents, num_pairs, seed)
   with jax.enable_x64(precision == "float64"):
     if precision == "float64":
-      model, params = to_float64(model, params)
+      model, params = model_oracle.to_float64(model, params)
     args = (model, params, batch.prompt, batch.target, batch.target_mask, cells,
             rollout_len, combos)
     if mode == "exact":
@@ -648,8 +482,9 @@ def diagnose(model, params, batch, rollout_len: int, *, mode: str = "auto",
           num_reference=num_reference, num_samples=num_samples, chunk=chunk)
     cells_out = [dict(cell=list(s.cell), kl=s.kl, kl_stderr=s.kl_stderr,
                       ref_norm=float(jnp.linalg.norm(s.ref)), ref_stderr=s.ref_stderr,
-                      combos=cell_metrics(s, combos)) for s in stats]
-    rows, num_params = summarize(stats, combos), int(_ravel(params).shape[0])
+                      combos=diagnostics_summary.cell_metrics(s, combos)) for s in stats]
+    rows = diagnostics_summary.summarize(stats, combos)
+    num_params = int(_ravel(params).shape[0])
   exact = mode == "exact"
   return dict(mode=mode, precision=precision, rollout_len=rollout_len,
               batch_size=batch_size, num_cells=len(cells),

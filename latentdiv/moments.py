@@ -411,7 +411,7 @@ def estimator_gradient_moments(logits_fn: LogitsFn, params: PyTree, i: Any, j: A
   """Exact moments of the inter-latent KL gradient estimator.
 
   ``g(y) = −∇_params (1/N) Σ_n policy_gradient(...).loss[n]`` — the gradient
-  of the surrogate LOSS ``estimators.sequence_kl_surrogate`` — on rollouts
+  of the surrogate LOSS ``surrogates.sequence_kl_surrogate`` — on rollouts
   of latent i scored against latent j. For an unbiased estimator
   ``mean == −oracle.exact_kl_grad(...)``. With ``baseline='leave_one_out'``
   the items are all pairs of rollouts (N = 2).
@@ -481,7 +481,7 @@ def opd_gradient_moments(student_fn: ModelFn, student_params: PyTree,
                          baseline: Optional[str] = None,
                          chunk_size: int = 4096, discount=1.0,
                          length_normalize: bool = False) -> Moments:
-  """Exact moments of the OPD estimator (``estimators.opd_surrogate``).
+  """Exact moments of the OPD estimator (``surrogates.opd_surrogate``).
 
   ``g(y) = ∇_student policy_gradient(..., pathwise=False).loss`` on student
   responses y ~ π against the stop-gradiented teacher q. For an unbiased

@@ -173,5 +173,33 @@ class PositionMeanTest(chex.TestCase):
       baselines.position_mean(returns, weights[0])
 
 
+class FittedConstantsTest(absltest.TestCase):
+
+  def test_fitted_constants_match_numpy(self):
+    rng = np.random.default_rng(1)
+    e, m, n, l = 2, 3, 5, 4
+    returns = rng.normal(size=(e, m, n, l)) + 2.0
+    mask = (rng.uniform(size=(m, n, l)) < 0.8).astype(np.float64)
+    mask[..., 0] = 1.0
+    weights = rng.uniform(size=(m, n))
+    jsd = rng.uniform(size=(m, l))
+    returns[1] = 0.5 + 3.0 * jsd[:, None, :] + 0.1 * rng.normal(size=(m, n, l))
+    with jax.enable_x64(True):
+      ema, c = baselines.fitted_constants(jnp.asarray(returns), jnp.asarray(mask),
+                                     jnp.asarray(weights), jnp.asarray(jsd))
+    for k in range(e):
+      for t in range(l):
+        w = weights * mask[:, :, t]
+        np.testing.assert_allclose(ema[k, t], np.sum(w * returns[k, :, :, t]) / w.sum(),
+                                   rtol=1e-10)
+      w = weights[:, :, None] * mask
+      j = np.broadcast_to(jsd[:, None, :], mask.shape)
+      mean = lambda x: np.sum(w * x) / w.sum()  # noqa: E731
+      r = returns[k]
+      cov = mean(r * j) - mean(r) * mean(j)
+      np.testing.assert_allclose(c[k], cov / (mean(j * j) - mean(j)**2), rtol=1e-8)
+    self.assertAlmostEqual(float(c[1]), 3.0, delta=0.1)  # R ≈ 0.5 + 3 J.
+
+
 if __name__ == "__main__":
   absltest.main()

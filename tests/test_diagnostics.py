@@ -27,11 +27,10 @@ from latentdiv import baselines
 from latentdiv import diagnostics as dg
 from latentdiv import estimators as est
 from latentdiv import model as model_lib
+from latentdiv import model_oracle
 from latentdiv import moments
-from latentdiv import oracle
 from latentdiv import tasks
 from latentdiv import vocab
-from test_sampling import _canonical_sequences  # The brute-force enumeration of outputs.
 
 LENGTH = 3  # the rollout length (A = 2: 15 possible outputs).
 BATCH = 2
@@ -61,7 +60,7 @@ def _exact():
   """The tiny model in float64 and its exact diagnostics."""
   model, params, batch = _model()
   with jax.enable_x64(True):
-    model, params = dg.to_float64(model, params)
+    model, params = model_oracle.to_float64(model, params)
     cells = dg.all_cells(BATCH, model.config.num_latents)
     combos = dg.combinations()
     stats = dg.exact_diagnostics(model, params, batch.prompt, batch.target,
@@ -118,59 +117,6 @@ class CombinationsTest(parameterized.TestCase):
                      {(i, j) for b, i, j in some if b == 2})
 
 
-class BaselineConstantsTest(absltest.TestCase):
-
-  def test_baseline_constants_match_numpy(self):
-    rng = np.random.default_rng(1)
-    e, m, n, l = 2, 3, 5, 4
-    returns = rng.normal(size=(e, m, n, l)) + 2.0
-    mask = (rng.uniform(size=(m, n, l)) < 0.8).astype(np.float64)
-    mask[..., 0] = 1.0
-    weights = rng.uniform(size=(m, n))
-    jsd = rng.uniform(size=(m, l))
-    returns[1] = 0.5 + 3.0 * jsd[:, None, :] + 0.1 * rng.normal(size=(m, n, l))
-    with jax.enable_x64(True):
-      ema, c = dg.baseline_constants(jnp.asarray(returns), jnp.asarray(mask),
-                                     jnp.asarray(weights), jnp.asarray(jsd))
-    for k in range(e):
-      for t in range(l):
-        w = weights * mask[:, :, t]
-        np.testing.assert_allclose(ema[k, t], np.sum(w * returns[k, :, :, t]) / w.sum(),
-                                   rtol=1e-10)
-      w = weights[:, :, None] * mask
-      j = np.broadcast_to(jsd[:, None, :], mask.shape)
-      mean = lambda x: np.sum(w * x) / w.sum()  # noqa: E731
-      r = returns[k]
-      cov = mean(r * j) - mean(r) * mean(j)
-      np.testing.assert_allclose(c[k], cov / (mean(j * j) - mean(j)**2), rtol=1e-8)
-    self.assertAlmostEqual(float(c[1]), 3.0, delta=0.1)  # R ≈ 0.5 + 3 J.
-
-
-class ExactSequencesTest(parameterized.TestCase):
-
-  @parameterized.parameters((5, 3), (6, 2), (5, 1))
-  def test_matches_brute_force(self, vocab_size, length):
-    tokens, mask, index = dg.exact_sequences(vocab_size, length)
-    alphabet = vocab_size - vocab.NUM_RESERVED
-    self.assertEqual(tokens.shape[0], dg.num_exact_sequences(alphabet, length))
-    emitted = [vocab.EOS] + list(range(vocab.FIRST_CONTENT, vocab_size))
-    expected = {tuple(row) for row in _canonical_sequences(emitted, length).tolist()}
-    got = {tuple(row) for row in np.asarray(tokens).tolist()}
-    self.assertEqual(got, expected)
-    self.assertLen(got, tokens.shape[0])
-    for row, m in zip(np.asarray(tokens), np.asarray(mask)):
-      scored = int(m.sum())
-      self.assertTrue(np.all(m[:scored] == 1) and np.all(m[scored:] == 0))
-      self.assertTrue(scored == length or row[scored - 1] == vocab.EOS)
-    all_rows = np.asarray(oracle.all_sequences(vocab_size, length))
-    np.testing.assert_array_equal(all_rows[np.asarray(index)], np.asarray(tokens))
-
-
-# ---------------------------------------------------------------------------
-# Exact mode on a tiny Transformer (float64).
-# ---------------------------------------------------------------------------
-
-
 class ExactModeTest(parameterized.TestCase):
 
   def test_shapes(self):
@@ -217,7 +163,7 @@ class ExactModeTest(parameterized.TestCase):
     b, i, j = cells[cell]
     c = _index(combos, "rao_blackwell")
     with jax.enable_x64(True):
-      logits_fn = dg.make_logits_fn(model, batch.prompt[b])
+      logits_fn = model_oracle.make_logits_fn(model, batch.prompt[b])
       m = jax.jit(lambda p: moments.estimator_gradient_moments(
           logits_fn, p, i, j, "rao_blackwell", model.config.vocab_size, LENGTH,
           eos_id=vocab.EOS, pad_id=vocab.PAD))(params)

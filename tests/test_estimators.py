@@ -18,6 +18,7 @@ import numpy as np
 
 from latentdiv import baselines
 from latentdiv import estimators as est
+from latentdiv import surrogates
 
 L = 5
 
@@ -90,70 +91,6 @@ class NamesTest(absltest.TestCase):
       est.check_combination("rao_blackwell", "batch_mean")
 
 
-class CoefficientsTest(parameterized.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*est.ALL_ESTIMATORS)
-  def test_matches_numpy(self, estimator):
-    fn = self.variant(functools.partial(est.per_token_coefficients,
-                                        estimator))
-    returns_fn = self.variant(functools.partial(est.estimator_returns,
-                                                estimator))
-    for seed, valid in [(0, 5), (1, 3), (2, 1), (3, 0)]:
-      r, kl, mask, baseline = _random_inputs(seed, valid=valid)
-      got = fn(r, kl, mask)
-      chex.assert_shape(got, (L,))
-      np.testing.assert_allclose(got, _np_coefficients(estimator, r, kl, mask),
-                                 rtol=1e-5, atol=1e-5)
-      returns = returns_fn(r, kl, mask)
-      np.testing.assert_allclose(returns, got, rtol=1e-6, atol=1e-6)
-      if est.uses_baseline(estimator):
-        got_b = fn(r, kl, mask, baseline)
-        np.testing.assert_allclose(
-            got_b, _np_coefficients(estimator, r, kl, mask, baseline),
-            rtol=1e-5, atol=1e-5)
-        got_scalar = fn(r, kl, mask, jnp.float32(0.7))
-        np.testing.assert_allclose(
-            got_scalar, _np_coefficients(estimator, r, kl, mask, 0.7),
-            rtol=1e-5, atol=1e-5)
-
-  @parameterized.parameters(*est.ALL_ESTIMATORS)
-  def test_no_gradient_flows_through_coefficients(self, estimator):
-    r, kl, mask, baseline = _random_inputs(4)
-    b = baseline if est.uses_baseline(estimator) else None
-
-    def total(r, kl, b):
-      return jnp.sum(est.per_token_coefficients(estimator, r, kl, mask, b))
-
-    grads = jax.grad(total, argnums=(0, 1))(r, kl, b)
-    chex.assert_trees_all_close(grads, (np.zeros(L), np.zeros(L)))
-    if b is not None:
-      chex.assert_trees_all_close(jax.grad(total, argnums=2)(r, kl, b),
-                                  np.zeros(L))
-
-  def test_bool_mask(self):
-    r, kl, mask, _ = _random_inputs(5)
-    np.testing.assert_allclose(
-        est.per_token_coefficients("kl_to_go", r, kl, mask.astype(bool)),
-        est.per_token_coefficients("kl_to_go", r, kl, mask))
-
-  def test_errors(self):
-    r, kl, mask, baseline = _random_inputs(6)
-    with self.assertRaisesRegex(ValueError, "allowed.*trajectory"):
-      est.per_token_coefficients("reinforce", r, kl, mask)
-    with self.assertRaisesRegex(ValueError, "takes no baseline"):
-      est.per_token_coefficients("reward_to_go", r, kl, mask, baseline)
-    with self.assertRaisesRegex(ValueError, "r_t, kl_t, mask_t"):
-      est.per_token_coefficients("trajectory", r, kl[:-1], mask)
-    with self.assertRaisesRegex(ValueError, "r_t, kl_t, mask_t"):
-      est.per_token_coefficients("trajectory", r[None], kl[None], mask[None])
-    with self.assertRaisesRegex(ValueError, "baseline_t"):
-      est.per_token_coefficients("kl_to_go_baseline", r, kl, mask,
-                                 baseline[:-1])
-    with self.assertRaisesRegex(ValueError, "allowed"):
-      est.estimator_returns("reinforce", r, kl, mask)
-
-
 class ReverseCumsumTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -162,50 +99,6 @@ class ReverseCumsumTest(chex.TestCase):
     got = self.variant(est.reverse_cumsum)(x)
     want = np.array([[x[b, t:].sum() for t in range(L)] for b in range(3)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
-class SurrogateTest(parameterized.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(estimator=est.ALL_ESTIMATORS, pathwise=[True, False])
-  def test_value_and_gradients(self, estimator, pathwise):
-    rng = np.random.default_rng(7)
-    logp = -rng.uniform(0.1, 2.0, size=L).astype(np.float32)
-    logq = -rng.uniform(0.1, 2.0, size=L).astype(np.float32)
-    kl = rng.uniform(0.0, 1.0, size=L).astype(np.float32)
-    mask = (np.arange(L) < 4).astype(np.float32)
-    baseline = (rng.normal(size=L).astype(np.float32)
-                if est.uses_baseline(estimator) else None)
-    fn = self.variant(
-        functools.partial(est.sequence_kl_surrogate, estimator,
-                          pathwise=pathwise))
-    value = fn(logp, logq, kl, mask, baseline)
-    chex.assert_shape(value, ())
-    a = _np_coefficients(estimator, logp - logq, kl, mask, baseline)
-    if estimator == "rao_blackwell":
-      want = -np.sum(kl * mask) - np.sum(a * logp * mask)
-    else:
-      want = -np.sum(a * logp * mask) + pathwise * np.sum(logq * mask)
-    np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
-    g_p, g_q, g_kl = jax.grad(fn, argnums=(0, 1, 2))(logp, logq, kl, mask,
-                                                   baseline)
-    # Score term: d S / d log p_t = −A_t (r_t is stop-gradiented).
-    np.testing.assert_allclose(g_p, -a * mask, rtol=1e-5, atol=1e-6)
-    if estimator == "rao_blackwell":
-      np.testing.assert_allclose(g_q, np.zeros(L), atol=0)
-      np.testing.assert_allclose(g_kl, -mask, atol=0)
-    else:
-      np.testing.assert_allclose(g_q, mask * pathwise, atol=0)
-      np.testing.assert_allclose(g_kl, np.zeros(L), atol=0)
-
-  def test_errors(self):
-    x = jnp.zeros(L)
-    with self.assertRaisesRegex(ValueError, "allowed"):
-      est.sequence_kl_surrogate("bogus", x, x, x, x)
-    with self.assertRaisesRegex(ValueError, "logp_score_t"):
-      est.sequence_kl_surrogate("trajectory", x, x[:-1], x, x)
-    with self.assertRaisesRegex(ValueError, "takes no baseline"):
-      est.sequence_kl_surrogate("kl_to_go", x, x, x, x, baseline_t=x)
 
 
 class PerTokenTermsTest(chex.TestCase):
@@ -243,74 +136,6 @@ class PerTokenTermsTest(chex.TestCase):
       est.per_token_terms(x, x, jnp.zeros(L + 1, jnp.int32))
 
 
-class LogitSurrogatesTest(parameterized.TestCase):
-
-  def _inputs(self):
-    rng = np.random.default_rng(3)
-    lp = rng.normal(size=(L, 4)).astype(np.float32)
-    lq = rng.normal(size=(L, 4)).astype(np.float32)
-    y = rng.integers(0, 4, size=L).astype(np.int32)
-    mask = (np.arange(L) < 4).astype(np.float32)
-    return lp, lq, y, mask
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*est.ALL_ESTIMATORS)
-  def test_from_logits_matches_array_version(self, estimator):
-    lp, lq, y, mask = self._inputs()
-    b = np.linspace(0.0, 1.0, L) if est.uses_baseline(estimator) else None
-    fn = self.variant(
-        functools.partial(est.sequence_kl_surrogate_from_logits, estimator))
-    terms = est.per_token_terms(lp, lq, y)
-    want = est.sequence_kl_surrogate(estimator, *terms, mask, b)
-    np.testing.assert_allclose(fn(lp, lq, y, mask, b), want, rtol=1e-6)
-
-  @parameterized.parameters(*est.ALL_ESTIMATORS)
-  def test_pathwise_flag_controls_target_gradient(self, estimator):
-    lp, lq, y, mask = self._inputs()
-    grad = lambda pw: jax.grad(
-        lambda q: est.sequence_kl_surrogate_from_logits(
-            estimator, lp, q, y, mask, pathwise=pw))(lq)
-    chex.assert_trees_all_close(grad(False), np.zeros_like(lq))
-    self.assertGreater(float(jnp.abs(grad(True)).sum()), 1e-3)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*est.ALL_ESTIMATORS)
-  def test_opd_sign_and_frozen_teacher(self, estimator):
-    lp, lq, y, mask = self._inputs()
-    b = np.linspace(0.0, 1.0, L) if est.uses_baseline(estimator) else None
-    fn = self.variant(functools.partial(est.opd_surrogate, estimator))
-    value = fn(lp, lq, y, mask, b)
-    chex.assert_shape(value, ())
-    want = -est.sequence_kl_surrogate_from_logits(estimator, lp, lq, y, mask,
-                                                  b, pathwise=False)
-    np.testing.assert_allclose(value, want, rtol=1e-6)
-    # The teacher gets no gradient, even through KL_t (rao_blackwell).
-    g_teacher = jax.grad(fn, argnums=1)(lp, lq, y, mask, b)
-    chex.assert_trees_all_close(g_teacher, np.zeros_like(lq))
-    # Sign: d L_opd / d log π(y_t|c_t) = +A_t (descending it lowers log π
-    # where the log-ratio to go is large).
-    terms = est.per_token_terms(lp, lq, y)
-    a = _np_coefficients(estimator, terms.logp_score_t - terms.logp_target_t,
-                         terms.kl_t, mask, b)
-    g_logp = jax.grad(
-        lambda lp_t: -est.sequence_kl_surrogate(
-            estimator, lp_t, terms.logp_target_t, terms.kl_t, mask, b,
-            pathwise=False))(terms.logp_score_t)
-    np.testing.assert_allclose(g_logp, a * mask, rtol=1e-5, atol=1e-6)
-
-  def test_opd_shared_parameters_leak_nothing_to_teacher(self):
-    # Student and teacher are one model at two latents sharing parameters.
-    w = jnp.asarray(np.random.default_rng(0).normal(size=(2, L, 4)))
-    _, _, y, mask = self._inputs()
-    for estimator in est.ESTIMATORS:
-      shared = jax.grad(lambda w: est.opd_surrogate(estimator, w[0], w[1], y,
-                                                    mask))(w)
-      student_only = jax.grad(lambda w: est.opd_surrogate(
-          estimator, w[0], jax.lax.stop_gradient(w[1]), y, mask))(w)
-      chex.assert_trees_all_close(shared, student_only)
-      chex.assert_trees_all_close(shared[1], np.zeros((L, 4)))
-
-
 def _group(seed, n=3, length=L, vocab=4):
   """N rollouts of one group: logits of p and q, tokens and masks of lengths 4, 2, 5, ..."""
   rng = np.random.default_rng(seed)
@@ -344,7 +169,7 @@ class PolicyGradientTest(parameterized.TestCase):
     b_NxL = None if value is None else jnp.broadcast_to(value, mask.shape)
 
     def old(a, q):  # The single-sequence surrogate, a loss of −∇D: the opposite sign.
-      return jnp.stack([est.sequence_kl_surrogate_from_logits(
+      return jnp.stack([surrogates.sequence_kl_surrogate_from_logits(
           estimator, a[n], q[n], y[n], mask[n], None if b_NxL is None else b_NxL[n],
           pathwise) for n in range(3)])
 
@@ -368,7 +193,7 @@ class PolicyGradientTest(parameterized.TestCase):
           est.policy_gradient, estimator, baseline=kind, pathwise=False))(
               terms, mask, baseline_value=b).loss
 
-    old = lambda lp: jax.vmap(lambda a, q, t, m: est.opd_surrogate(  # noqa: E731
+    old = lambda lp: jax.vmap(lambda a, q, t, m: surrogates.opd_surrogate(  # noqa: E731
         estimator, a, q, t, m, b))(lp, lq, y, mask)
     np.testing.assert_allclose(loss(lp), old(lp), rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(jax.grad(lambda a: loss(a).sum())(lp),
@@ -406,7 +231,7 @@ class PolicyGradientTest(parameterized.TestCase):
     np.testing.assert_allclose(out.baseline * both, out.returns[::-1] * both, rtol=1e-6)
     # Rollout n's loss is that of the single-sequence surrogate with the other's returns.
     for n in range(2):
-      want = -est.sequence_kl_surrogate("kl_to_go_baseline", *[t[n] for t in terms],
+      want = -surrogates.sequence_kl_surrogate("kl_to_go_baseline", *[t[n] for t in terms],
                                         mask[n], out.baseline[n])
       np.testing.assert_allclose(out.loss[n], want, rtol=1e-5)
 

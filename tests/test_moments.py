@@ -22,6 +22,7 @@ from latentdiv import baselines
 from latentdiv import estimators as est
 from latentdiv import moments as moments_lib
 from latentdiv import oracle
+from latentdiv import surrogates
 from test_oracle import (  # pylint: disable=g-multiple-import
     MODELS, PAIRS, X64, _model, _np_context_rows, _np_log_softmax, _student_teacher, f)
 
@@ -388,7 +389,7 @@ class VarianceTest(X64):
     p = np.exp(np.asarray(oracle.exact_sequence_logprobs(f, params, i, vocab,
                                                          length)))
     grad_fn = jax.jit(jax.grad(
-        lambda w, y: est.sequence_kl_surrogate_from_logits(
+        lambda w, y: surrogates.sequence_kl_surrogate_from_logits(
             estimator, f(w, y[None], i)[0], f(w, y[None], j)[0], y,
             jnp.ones(length))))
     second = 0.0
@@ -415,7 +416,7 @@ class MonteCarloTest(X64):
 
     def batch_loss(w, estimator):
       return jnp.mean(jax.vmap(
-          functools.partial(est.sequence_kl_surrogate_from_logits, estimator))(
+          functools.partial(surrogates.sequence_kl_surrogate_from_logits, estimator))(
               f(w, tokens, i), f(w, tokens, j), tokens, mask))
 
     # One jitted program: the batch gradient of every estimator.
@@ -498,7 +499,7 @@ class OpdTest(X64):
     for estimator in est.ALL_ESTIMATORS:
 
       def teacher_grad(y, m, estimator=estimator):
-        return jax.grad(lambda t: est.opd_surrogate(
+        return jax.grad(lambda t: surrogates.opd_surrogate(
             estimator, sfn(sp, y[None])[0], tfn(t, y[None])[0], y, m))(tp)
 
       g = jax.vmap(teacher_grad)(seqs, mask)

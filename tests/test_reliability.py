@@ -60,6 +60,7 @@ from latentdiv import opd
 from latentdiv import raml
 from latentdiv import reconstruction
 from latentdiv import sequence_term
+from latentdiv import surrogates
 from latentdiv import tasks
 from latentdiv import train
 from latentdiv import workdir as workdir_lib
@@ -741,7 +742,7 @@ class ShapeMessageTest(parameterized.TestCase):
           z(3, 5), jnp.zeros(4, jnp.int32), z(4)), ("logits_TxV", "tokens_T")),
       ("hard_em_loss", lambda z: reconstruction.hard_em_loss(z(3)), ("loglik_BxK",)),
       ("sequence_kl_surrogate_from_logits",
-       lambda z: estimators.sequence_kl_surrogate_from_logits(
+       lambda z: surrogates.sequence_kl_surrogate_from_logits(
            "trajectory", z(3, 5), z(3, 5), jnp.zeros(3, jnp.int32), z(4)), ("mask_t",)),
   )
   def test_mismatched_shapes_name_the_arguments(self, call, names):
@@ -757,7 +758,7 @@ class ShapeMessageTest(parameterized.TestCase):
     calls = {
         "targets_T": lambda: raml.label_smoothing_loss(z(3, 5), ids, z(4), 0.1),
         "weights_N": lambda: raml.raml_loss(z(3), z(4)),
-        "teacher_logits_LxV": lambda: estimators.opd_surrogate(
+        "teacher_logits_LxV": lambda: surrogates.opd_surrogate(
             "trajectory", z(3, 5), z(3, 4), jnp.zeros(3, jnp.int32), z(3)),
     }
     unnamed = []
@@ -1181,9 +1182,9 @@ class ExtremeLogitsTest(chex.TestCase):
       for name in estimators.ALL_ESTIMATORS:
         baseline = 0.0 if estimators.uses_baseline(name) else None
         out[f"seq_kl/{name}"] = (
-            lambda l, n=name, b=baseline: estimators.sequence_kl_surrogate_from_logits(
+            lambda l, n=name, b=baseline: surrogates.sequence_kl_surrogate_from_logits(
                 n, l[0], l[1], unlikely, mask_T, baseline_t=b))
-        out[f"opd/{name}"] = lambda l, n=name, b=baseline: estimators.opd_surrogate(
+        out[f"opd/{name}"] = lambda l, n=name, b=baseline: surrogates.opd_surrogate(
             n, l[0], l[1], unlikely, mask_T, baseline_t=b)
       return out
 

@@ -42,6 +42,7 @@ from latentdiv import objectives
 from latentdiv import opd
 from latentdiv import oracle
 from latentdiv import sampling
+from latentdiv import surrogates
 from latentdiv import train
 from latentdiv import vocab
 from latentdiv import workdir as workdir_lib
@@ -121,7 +122,7 @@ def _enumeration_report(s_fn, t_fn, s_params, t_params):
   """Relative errors ‖E[g] − ∇KL‖ / ‖∇KL‖ of the estimators, all in one program.
 
   Keys: ``oracle/per_token_reward`` (``moments_lib.opd_gradient_moments``, i.e.
-  ``estimators.opd_surrogate``), ``distillation/EST/BASELINE``
+  ``surrogates.opd_surrogate``), ``distillation/EST/BASELINE``
   (``opd.opd_loss``, the loss the train step runs, with each
   baseline; leave-one-out over N = 2 responses enumerated in pairs); the exact
   KL, P(EOS before L) and ‖∇KL‖.
@@ -130,7 +131,7 @@ def _enumeration_report(s_fn, t_fn, s_params, t_params):
   exact = oracle.exact_opd_kl_grad(s_fn, s_params, t_fn, t_params, V, L, **kw)
   err = lambda mean: oracle.relative_error(mean, exact)  # noqa: E731
   out = {}
-  # The oracle's own OPD route (estimators.opd_surrogate), for the biased coefficient.
+  # The oracle's own OPD route (surrogates.opd_surrogate), for the biased coefficient.
   out["oracle/per_token_reward"] = err(moments_lib.opd_gradient_moments(
       s_fn, s_params, t_fn, t_params, est.PER_TOKEN_REWARD, V, L, **kw).mean)
   student_fn = lambda p, y, k: s_fn(p, y)  # noqa: E731
