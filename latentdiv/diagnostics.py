@@ -290,7 +290,7 @@ def exact_diagnostics(model, params, prompts_BxP: Array, targets_BxT: Array,
   probabilities, and over all unordered pairs of outputs (weights
   ``p(y) p(y')``, doubled for y ≠ y') for ``leave_one_out``. The ``ema``
   baseline and the JSD coefficient use exact expectations
-  (:func:`baseline_constants`).
+  (``baselines.fitted_constants``).
 
   Args:
     model: the Transformer.
