@@ -327,6 +327,50 @@ def exact_opd_kl_grad(student_fn: Callable, student_params: PyTree,
                                          eos_id, pad_id))(student_params)
 
 
+def exact_mutual_information(logits_fn: LogitsFn, params: PyTree, num_latents: int,
+                             vocab_size: int, length: int, eos_id: Optional[int] = None,
+                             pad_id: int = 0) -> Array:
+  """Exact ``I(Z; Y | x)`` under a uniform prior over the K latents, by enumeration.
+
+  ``I = (1/K) Σ_k Σ_y p_k(y) (log p_k(y) − log p̄(y))``, ``p̄ = (1/K) Σ_j p_j``,
+  over all V^L sequences (canonical EOS-truncated ones when ``eos_id`` is
+  given); 0 ≤ I ≤ log K.
+
+  Args:
+    logits_fn: ``(params, tokens_NxL, latent) -> logits_NxLxV``.
+    params: model parameters.
+    num_latents: K (latents 0..K−1).
+    vocab_size: V.
+    length: L.
+    eos_id: optional EOS id.
+    pad_id: filler after EOS.
+
+  Returns:
+    Scalar I in nats, differentiable in params.
+
+  References:
+    DESIGN.md §5.6, §7.
+  """
+  tokens, mask, canonical = _enumerate(vocab_size, length, eos_id, pad_id)
+  logp_KxS = jnp.stack([_sequence_log_probs(bind(logits_fn, k), params, tokens, mask)
+                        for k in range(num_latents)])
+  log_mix_S = jax.nn.logsumexp(logp_KxS, axis=0) - np.log(num_latents)
+  prob_KxS = jnp.where(canonical[None], jnp.exp(logp_KxS), 0.0)
+  return jnp.sum(prob_KxS * (logp_KxS - log_mix_S[None])) / num_latents
+
+
+def exact_mutual_information_grad(logits_fn: LogitsFn, params: PyTree, num_latents: int,
+                                  vocab_size: int, length: int, eos_id: Optional[int] = None,
+                                  pad_id: int = 0) -> PyTree:
+  """``∇_params I(Z; Y | x)`` by ``jax.grad`` through :func:`exact_mutual_information`.
+
+  References:
+    DESIGN.md §5.6, §7.
+  """
+  return jax.grad(lambda p: exact_mutual_information(
+      logits_fn, p, num_latents, vocab_size, length, eos_id, pad_id))(params)
+
+
 # ----------------------------------------------------------------------------
 # Sampling and small helpers.
 # ----------------------------------------------------------------------------

@@ -227,6 +227,42 @@ class EnumerationTest(X64):
         np.testing.assert_array_equal(grad[other], 0.0)
 
 
+class MutualInformationTest(X64):
+
+  def test_exact_mi_matches_numpy(self):
+    for name, eos_id in [("v3l3", None), ("v3l3", 2), ("v2l4", 1)]:
+      vocab, length, params = _model(name)
+      rows = _np_context_rows(vocab, length)
+      total = 0.0
+      for y in _np_sequences(vocab, length, eos_id):
+        lp = np.array([_np_logprob(params, k, y, rows) for k in range(K)])
+        log_mix = np.log(np.mean(np.exp(lp)))
+        total += np.sum(np.exp(lp) * (lp - log_mix)) / K
+      got = oracle.exact_mutual_information(f, params, K, vocab, length, eos_id)
+      np.testing.assert_allclose(got, total, rtol=1e-10)
+      self.assertBetween(float(got), 0.0, np.log(K))
+
+  def test_bounds_are_reached(self):
+    vocab, length, params = _model("v3l3")
+    same = jnp.broadcast_to(params[:1], params.shape)
+    np.testing.assert_allclose(
+        oracle.exact_mutual_information(f, same, K, vocab, length), 0.0, atol=1e-12)
+    # Latent k always writes token k: disjoint supports, I = log K.
+    apart = jnp.broadcast_to(30.0 * jnp.eye(K)[:, None, :], params.shape)
+    np.testing.assert_allclose(
+        oracle.exact_mutual_information(f, apart, K, vocab, length), np.log(K), rtol=1e-9)
+
+  def test_exact_mi_grad_matches_finite_differences(self):
+    vocab, length, params = _model("v2l4")
+    direction = jax.random.normal(jax.random.PRNGKey(6), params.shape)
+    grad = oracle.exact_mutual_information_grad(f, params, K, vocab, length, 1)
+    value = lambda eps: oracle.exact_mutual_information(  # noqa: E731
+        f, params + eps * direction, K, vocab, length, 1)
+    eps = 1e-5
+    np.testing.assert_allclose(jnp.vdot(grad, direction),
+                               (value(eps) - value(-eps)) / (2 * eps), rtol=1e-7)
+
+
 class HelpersTest(X64):
 
   @chex.variants(with_jit=True, without_jit=True)
