@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from latentdiv import logprobs
+from latentdiv import mutual_information
 from latentdiv import vocab
 
 NMI_NORMALIZATIONS = ("arithmetic", "geometric", "min", "max")
@@ -383,6 +384,47 @@ def mc_sequence_kl(logp_BxKxKxL: jax.Array, mask_BxKxL: jax.Array) -> SequenceKL
   mean, stderr = _mean_and_stderr(per_example_B)
   return SequenceKL(pairwise=pairwise, pairwise_stderr=pairwise_stderr,
                     mean=mean, stderr=stderr)
+
+
+def mc_mutual_information(logp_BxKxKxL: jax.Array, mask_BxKxL: jax.Array):
+  """Monte-Carlo ``I(Z; Y | x)`` (uniform prior) from one rollout per (example, latent).
+
+  With ``logp[b,i,j,t] = log p_j(y^{(b,i)}_t | c_t)`` as in :func:`mc_sequence_kl`::
+
+      R_{b,i} = log p_i(y^{(b,i)}) − log (1/K) Σ_j p_j(y^{(b,i)})  ≤ log K,
+
+  ``Î = (1/B) Σ_b (1/K) Σ_i R_{b,i}`` and its standard error over examples
+  (``mutual_information.monte_carlo_mi``). Unbiased for ``E_x I`` at
+  temperature 1; 0 for K = 1.
+
+  Args:
+    logp_BxKxKxL: [B, K, K, L] log-probabilities of the rollout tokens.
+    mask_BxKxL: [B, K, L] valid rollout positions.
+
+  Returns:
+    (mean, stderr) scalars.
+
+  References:
+    DESIGN.md §5.6, §9.
+  """
+  chex.assert_rank([logp_BxKxKxL, mask_BxKxL], [4, 3],
+                   custom_message="arguments: logp_BxKxKxL, mask_BxKxL")
+  k = logp_BxKxKxL.shape[1]
+  seq = jnp.sum(logp_BxKxKxL * jnp.asarray(mask_BxKxL, logp_BxKxKxL.dtype)[:, :, None, :],
+                axis=-1)  # [B, i, j]
+  own = jnp.diagonal(seq, axis1=1, axis2=2)
+  log_ratio = own - (jax.nn.logsumexp(seq, axis=-1) - jnp.log(k))
+  return mutual_information.monte_carlo_mi(log_ratio[..., None])
+
+
+def dead_latents(usage_K: jax.Array, validity_K: jax.Array, min_validity: float = 0.5):
+  """Number of dead latents: usage 0 (wins no example) or validity below ``min_validity``.
+
+  A latent that wins nothing under hard-EM is moved by the divergence terms
+  alone and typically leaves the data (DESIGN.md §5.7).
+  """
+  dead = (jnp.asarray(usage_K) <= 0.0) | (jnp.asarray(validity_K) < min_validity)
+  return jnp.sum(dead.astype(jnp.int32))
 
 
 def confidence_interval(mean: jax.Array, stderr: jax.Array,

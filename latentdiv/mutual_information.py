@@ -233,7 +233,7 @@ def monte_carlo_mi(log_ratio_BxKxN: Array) -> tuple[Array, Array]:
     log_ratio_BxKxN: [B, K, N] ``Σ_t r_t`` of N rollouts per (prompt, latent).
 
   Returns:
-    (mean over prompts of the per-prompt estimate, its standard error).
+    (mean over prompts of the per-prompt estimate, its standard error (ddof 1)).
 
   References:
     DESIGN.md §5.6, §9.
@@ -242,5 +242,5 @@ def monte_carlo_mi(log_ratio_BxKxN: Array) -> tuple[Array, Array]:
                    exception_type=ValueError)
   per_prompt = jnp.mean(log_ratio_BxKxN, axis=(1, 2))
   batch = per_prompt.shape[0]
-  stderr = jnp.std(per_prompt) / math.sqrt(batch) if batch > 1 else jnp.zeros(())
+  stderr = jnp.std(per_prompt, ddof=1) / math.sqrt(batch) if batch > 1 else jnp.zeros(())
   return jnp.mean(per_prompt), stderr

@@ -278,7 +278,7 @@ class MonteCarloTest(absltest.TestCase):
     values = jnp.asarray([[[0.1, 0.3]], [[0.5, 0.7]]])  # [B=2, K=1, N=2]
     mean, stderr = mi.monte_carlo_mi(values)
     np.testing.assert_allclose(mean, 0.4, rtol=1e-6)
-    np.testing.assert_allclose(stderr, np.std([0.2, 0.6]) / np.sqrt(2), rtol=1e-5)
+    np.testing.assert_allclose(stderr, np.std([0.2, 0.6], ddof=1) / np.sqrt(2), rtol=1e-5)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class ReconstructionLossTest(chex.TestCase):
     np.testing.assert_allclose(out.usage, np.bincount(np.argmax(loglik, -1), minlength=4) / 6, rtol=1e-6)
 
   def test_unknown_kind(self):
-    with self.assertRaisesRegex(ValueError, r"kind must be one of \('hard_em', 'soft_em'\)"):
+    with self.assertRaisesRegex(ValueError, r"kind must be one of \('hard_em', 'soft_em', 'relaxed_wta'"):
       reconstruction.reconstruction_loss("em", jnp.zeros((2, 3)))
 
 

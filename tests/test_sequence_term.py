@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -61,6 +62,98 @@ class SequenceTermTest(parameterized.TestCase):
     self.assertGreater(float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree_util.tree_leaves(grads))),
                        0.0)
 
+  def test_mutual_information_equals_its_parts(self):
+    # N = 2 rollouts per (x, k) with leave-one-out: the grouping that matters.
+    self._check_mutual_information_parts(estimator="rao_blackwell", baseline="leave_one_out",
+                                         num_rollouts=2)
+
+  @pytest.mark.slow
+  @parameterized.parameters(
+      dict(estimator="rao_blackwell", baseline="none", num_rollouts=1),
+      dict(estimator="kl_to_go_baseline", baseline="ema", num_rollouts=1),
+      dict(estimator="reward_to_go_baseline", baseline="jsd", num_rollouts=1),
+  )
+  def test_mutual_information_equals_its_parts_other_baselines(self, **kwargs):
+    self._check_mutual_information_parts(**kwargs)
+
+  def _check_mutual_information_parts(self, **kwargs):
+    # kind='mi' against the same rollouts (same key) scored one at a time by
+    # mutual_information.mixture_terms and grouped per (x, k) by hand.
+    from latentdiv import mutual_information as mi, sampling  # pylint: disable=import-outside-toplevel
+    model, params = _model()
+    settings = sequence_term.Settings(rollout_len=3, kind="mi", **kwargs)
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (3, 2), 3, 6)
+    data_logits = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 4, 6))
+    data_mask = jnp.ones((3, 4), bool)
+    extra = sequence_term.init_state(settings)
+    key = jax.random.PRNGKey(1)
+    term = jax.jit(lambda p: sequence_term.sequence_term(
+        model, p, prompt, key, extra, settings, data_logits, data_mask))(params)
+    chex.assert_tree_all_finite(term)
+    self.assertBetween(float(term.metrics["seq_mi"]), -1e-6, np.log(3) + 1e-6)
+    self.assertNotIn("seq_kl", term.metrics)
+
+    n = kwargs["num_rollouts"]
+    prompt_bn = jnp.repeat(prompt, n, axis=0)
+    rollout = sampling.sample_latents(model, params, prompt_bn, jax.random.split(key)[0], 3)
+
+    def manual(p):
+      def one(prompt_P, tokens_L, mask_L, k):
+        logits = jax.vmap(lambda j: model_lib.teacher_forced_logits(
+            model, p, prompt_P[None], tokens_L[None], jnp.full((1,), j))[0])(jnp.arange(3))
+        return mi.mixture_terms(logits, tokens_L, mask_L, k)
+      terms = jax.vmap(jax.vmap(one, (None, 0, 0, 0)), (0, 0, 0, None))(
+          prompt_bn, rollout.tokens, rollout.mask, jnp.arange(3))  # [BN, K, L]
+      group = lambda a: jnp.moveaxis(a.reshape((3, n) + a.shape[1:]), 1, 2)  # noqa: E731
+      terms = type(terms)(*map(group, terms))
+      mask = group(rollout.mask)
+      value = None
+      if kwargs["baseline"] == "ema":
+        value = jnp.broadcast_to(extra["ema"], mask.shape)
+      elif kwargs["baseline"] == "jsd":
+        value = jnp.zeros(mask.shape)  # c = 0 before any fit.
+      fn = lambda tm, m, v: mi.policy_gradient(  # noqa: E731
+          settings.estimator, tm, m, baseline=settings.baseline, baseline_value=v).loss
+      if value is None:
+        fn0 = lambda tm, m: mi.policy_gradient(  # noqa: E731
+            settings.estimator, tm, m, baseline=settings.baseline).loss
+        loss = jax.vmap(jax.vmap(fn0))(terms, mask)
+      else:
+        loss = jax.vmap(jax.vmap(fn))(terms, mask, value)
+      return -jnp.mean(loss)
+
+    np.testing.assert_allclose(term.surrogate, manual(params), rtol=1e-5, atol=1e-6)
+    g_term = jax.grad(lambda p: sequence_term.sequence_term(
+        model, p, prompt, key, extra, settings, data_logits, data_mask).surrogate)(params)
+    g_manual = jax.grad(manual)(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_term), jax.tree_util.tree_leaves(g_manual)):
+      self.assertLess(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12)), 1e-4)
+
+  def test_ema_and_explained_variance_leave_out_the_diagonal_pairs(self):
+    model, params = _model()
+    settings = sequence_term.Settings(rollout_len=3, estimator="kl_to_go_baseline",
+                                      baseline="ema", ema_decay=0.0)
+    prompt = jnp.full((4, 2), 3, jnp.int32)
+    term = sequence_term.sequence_term(model, params, prompt, jax.random.PRNGKey(1),
+                                       sequence_term.init_state(settings), settings)
+    # With decay 0 the EMA is this step's mean kl_to_go return per position over
+    # the off-diagonal groups i ≠ j (the i = j returns are 0 and stay out).
+    from latentdiv import estimators, sampling  # pylint: disable=import-outside-toplevel
+    rollout = sampling.sample_latents(model, params, prompt,
+                                      jax.random.split(jax.random.PRNGKey(1))[0], 3)
+    terms = sequence_term.pair_terms(model, params, prompt, rollout.tokens)
+    mask = jnp.broadcast_to(rollout.mask[:, :, None], terms.kl_t.shape).astype(jnp.float32)
+    r = (terms.logp_score_t - terms.logp_target_t) * mask
+    kl = terms.kl_t * mask
+    returns = (r + estimators.reverse_cumsum(kl) - kl) * mask
+    off = mask * (1.0 - jnp.eye(3))[None, :, :, None]
+    want = jnp.sum(returns * off, axis=(0, 1, 2)) / jnp.sum(off, axis=(0, 1, 2))
+    np.testing.assert_allclose(term.extra["ema"], want, rtol=1e-4, atol=1e-5)
+    settings_mi = settings._replace(kind="mi")
+    term_mi = sequence_term.sequence_term(model, params, prompt, jax.random.PRNGKey(1),
+                                          sequence_term.init_state(settings_mi), settings_mi)
+    self.assertGreater(float(term_mi.extra["ema"][0]), 0.0)
+
   def test_pair_terms_equal_scoring_every_pair_at_once(self):
     # The lax.map over the target latent (memory linear in K) against the
     # direct [B, K, K, L, V] scoring pass: values and gradients.
@@ -100,6 +193,9 @@ class SequenceTermTest(parameterized.TestCase):
       sequence_term.sequence_term(model, params, prompt, jax.random.PRNGKey(0),
                                   sequence_term.init_state(sequence_term.Settings(baseline="jsd")),
                                   sequence_term.Settings(baseline="jsd"))
+    with self.assertRaisesRegex(ValueError, "num_pairs applies to kind 'kl' only"):
+      sequence_term.sequence_term(model, params, prompt, jax.random.PRNGKey(0), {},
+                                  sequence_term.Settings(kind="mi", num_pairs=2))
 
 
 if __name__ == "__main__":

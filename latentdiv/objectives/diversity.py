@@ -4,21 +4,25 @@ For a batch of data ``(x, y*)`` and the K latents of ``p_θ(y | x, z)``::
 
     loss = L_rec − λ_jsd · Ĵ − w_seq(step) · D̂_seq          (DESIGN.md §3–5)
 
-* ``L_rec`` — hard-EM or soft-EM over the K per-latent log-likelihood terms
-  (``latentdiv.reconstruction``). What they score is ``objective.targets``
+* ``L_rec`` — hard-EM, soft-EM, relaxed winner-take-all or annealed EM over
+  the K per-latent log-likelihood terms (``latentdiv.reconstruction``; the
+  last two keep every latent on the data, DESIGN.md §5.7). What they score is ``objective.targets``
   (DESIGN.md §3, §8): the data y* (maximum likelihood), token-level
   label-smoothed targets, or RAML samples ``y ~ q(y | y*; τ)`` drawn inside the
   jitted step (``latentdiv.raml``).
 * ``Ĵ`` — the token-weighted JSD between the K latents' next-token
   distributions under teacher forcing on y* (``divergences.token_jsd``).
-* ``D̂_seq`` — the sequence-level inter-latent KL from prefix rollouts,
-  maximised with a policy-gradient estimator (``latentdiv.sequence_term``),
-  weighted 0 for ``warmup_steps`` and ramped linearly to its weight.
+* ``D̂_seq`` — the sequence-level inter-latent KL (``kind='kl'``) or the
+  bounded mutual information I(Z; Y | x) (``kind='mi'``) from prefix
+  rollouts, maximised with a policy-gradient estimator
+  (``latentdiv.sequence_term``), weighted 0 for ``warmup_steps`` and ramped
+  linearly to its weight.
 
 Evaluation samples one output per (example, latent) on a fixed evaluation
 batch and reports strategy coverage, validity per latent, latent↔strategy
-NMI, usage, the Monte-Carlo sequence KL between latents, token JSD, NLL, and
-the transduction metrics (greedy exact match, edit distance, KL(q ‖ p)).
+NMI, usage, dead latents, the Monte-Carlo sequence KL between latents and
+mutual information, token JSD, NLL, and the transduction metrics (greedy
+exact match, edit distance, KL(q ‖ p)).
 
 Config: ``config.objective`` with ``name = 'diversity'`` (:func:`default_config`).
 """
@@ -26,6 +30,7 @@ Config: ``config.objective`` with ``name = 'diversity'`` (:func:`default_config`
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
   o = ml_collections.ConfigDict()
   o.name = "diversity"
   o.reconstruction = "hard_em"  # one of reconstruction.RECONSTRUCTION_KINDS.
+  o.wta_epsilon = 0.05  # relaxed_wta: the non-winners' share of an example.
+  o.anneal_steps = 200  # annealed_em: steps from soft-EM (tau = 1) to hard-EM (tau = 0).
   o.lambda_jsd = 0.1
   o.jsd_weighting = "uniform"  # one of divergences.WEIGHTINGS.
   o.jsd_prefix_len = 4  # the 'prefix' weighting's L.
@@ -77,7 +84,8 @@ def default_config() -> ml_collections.ConfigDict:
   # The sequence-level term (DESIGN §5); off when weight = 0.
   s = o.sequence_term = ml_collections.ConfigDict()
   s.weight = 0.0
-  s.kind = "kl"  # one of sequence_term.KINDS.
+  s.kind = "kl"  # one of sequence_term.KINDS: 'kl' (pairwise, unbounded) or 'mi' (bounded).
+  s.pathwise = False  # 'mi' only: keep the pathwise term through the mixture.
   s.estimator = "rao_blackwell"  # one of estimators.ESTIMATORS.
   s.baseline = "none"  # one of baselines.BASELINES.
   s.rollout_len = 4  # L
@@ -101,7 +109,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in ("objective.lambda_jsd", "objective.sequence_term.weight"):
     config_lib.non_negative(config, path)
   for path in ("objective.sequence_term.warmup_steps", "objective.sequence_term.ramp_steps",
-               "objective.sequence_term.num_pairs"):
+               "objective.sequence_term.num_pairs", "objective.anneal_steps"):
     config_lib.non_negative(config, path, kind=int)
   config_lib.one_of(config, "objective.reconstruction", reconstruction.RECONSTRUCTION_KINDS)
   config_lib.one_of(config, "objective.jsd_weighting", divergences.WEIGHTINGS)
@@ -120,12 +128,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.objective.jsd_weight_temperature must be > 0, got "
                      f"{config.objective.jsd_weight_temperature!r}.")
   config_lib.in_range(config, "objective.sequence_term.ema_decay", 0, 1, closed_high=False)
+  config_lib.in_range(config, "objective.wta_epsilon", 0, 1, closed_high=False)
+  config_lib.boolean(config, "objective.sequence_term.pathwise")
   o, s = config.objective, config.objective.sequence_term
   k = config.model.num_latents
   if k < 2 and (o.lambda_jsd > 0 or s.weight > 0):
     raise ValueError(
         f"config.model.num_latents (K) must be >= 2 when a divergence term is on "
         f"(objective.lambda_jsd > 0 or objective.sequence_term.weight > 0), got {k}.")
+  if s.kind == "mi" and s.num_pairs:
+    raise ValueError(
+        "config.objective.sequence_term.num_pairs applies to kind 'kl' only (the mutual "
+        f"information uses every latent): set it to 0, got {s.num_pairs}.")
   if s.num_pairs > k * (k - 1):
     raise ValueError(
         f"config.objective.sequence_term.num_pairs must be in [0, K(K-1) = {k * (k - 1)}], "
@@ -173,7 +187,7 @@ class Diversity(train.Objective):
     self.settings = sequence_term.Settings(
         estimator=s.estimator, baseline=s.baseline, rollout_len=s.rollout_len,
         num_rollouts=s.num_rollouts, num_pairs=s.num_pairs, ema_decay=s.ema_decay,
-        kind=s.kind)
+        kind=s.kind, pathwise=s.pathwise)
 
   @classmethod
   def structure(cls, record: dict) -> dict:
@@ -222,8 +236,10 @@ class Diversity(train.Objective):
     loglik = _loglik_BxK(logits, flat, logprobs.output_mask(flat))
     return jnp.mean(loglik.reshape(batch_size, num_samples, -1), axis=1)
 
-  def teacher_forced_terms(self, params, batch, key=None):
-    """Reconstruction and token-JSD terms on a batch (DESIGN.md §3–4, §8).
+  def teacher_forced_terms(self, params, batch, key=None, step=None):
+    """Reconstruction and token-JSD terms on a batch (DESIGN.md §3–4, §5.7, §8).
+
+    ``step`` sets the annealed-EM temperature (None: the end of the schedule).
 
     Returns:
       (data logits [B, K, T, V], ``ReconstructionOutput``, ``TokenJSD``
@@ -234,7 +250,10 @@ class Diversity(train.Objective):
     data_loglik = _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
     loglik_BxK = (data_loglik if o.targets == "data" or key is None
                   else self.reconstruction_loglik(params, batch, logits_BxKxTxV, key))
-    rec = reconstruction.reconstruction_loss(o.reconstruction, loglik_BxK)
+    temperature = (0.0 if step is None
+                   else reconstruction.annealing_temperature(step, o.anneal_steps))
+    rec = reconstruction.reconstruction_loss(o.reconstruction, loglik_BxK,
+                                             epsilon=o.wta_epsilon, temperature=temperature)
     # jsd_prefix_len belongs to the 'prefix' weighting only ('uniform' is over
     # all valid tokens).
     prefix_len = o.jsd_prefix_len if o.jsd_weighting == "prefix" else None
@@ -252,7 +271,7 @@ class Diversity(train.Objective):
   def loss(self, params, frozen, extra, batch, key, step):
     o = self.config.objective
     raml_key, key = jax.random.split(key)
-    logits, rec, jsd, best_nll = self.teacher_forced_terms(params, batch, raml_key)
+    logits, rec, jsd, best_nll = self.teacher_forced_terms(params, batch, raml_key, step)
     token_jsd = jnp.mean(jsd.value)
     loss = rec.loss - o.lambda_jsd * token_jsd
     aux = dict(rec_loss=rec.loss, token_jsd=token_jsd, nll_per_token=best_nll,
@@ -295,7 +314,11 @@ class Diversity(train.Objective):
       # Monte-Carlo sequence KL between latents on the samples (DESIGN §9).
       logits = sampling.score_latents(model, params, batch.prompt, rollout.tokens)
       tokens = jnp.broadcast_to(rollout.tokens[:, :, None], logits.shape[:-1])
-      kl = metrics_lib.mc_sequence_kl(logprobs.token_log_probs(logits, tokens), rollout.mask)
+      logp = logprobs.token_log_probs(logits, tokens)
+      kl = metrics_lib.mc_sequence_kl(logp, rollout.mask)
+      mi, mi_stderr = metrics_lib.mc_mutual_information(logp, rollout.mask)
+      validity = metrics_lib.per_latent_validity(matches)
+      usage = metrics_lib.latent_usage(rec.winners, num_latents)
       # Transduction metrics (DESIGN §9): greedy decodes of the best latent on the data.
       greedy = sampling.sample_latents(model, params, batch.prompt, eval_key,
                                        task.target_len, greedy=True)
@@ -323,12 +346,15 @@ class Diversity(train.Objective):
           exact_match=jnp.mean(metrics_lib.exact_match(decoded, batch.target)),
           edit_distance=jnp.mean(distance),
           kl_payoff_to_model=jnp.mean(log_q - log_p),
-          validity=metrics_lib.per_latent_validity(matches),
+          validity=validity,
           coverage=coverage.coverage,
           assignment=coverage.assignment,
           nmi=metrics_lib.latent_strategy_nmi(matches, task.num_strategies),
           confusion=metrics_lib.confusion(matches, task.num_strategies),
-          latent_usage=metrics_lib.latent_usage(rec.winners, num_latents),
+          latent_usage=usage,
+          dead_latents=metrics_lib.dead_latents(usage, validity),
+          seq_mi=mi,
+          seq_mi_stderr=mi_stderr,
           token_jsd=jnp.mean(jsd.value),
           nll=best_nll,
           seq_kl=kl.mean,
@@ -348,18 +374,21 @@ class Diversity(train.Objective):
     line = f"loss {aux['loss']:.4f}  rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}"
     if "seq_kl" in aux:
       line += f"  seq_kl {aux['seq_kl']:.3f}"
+    if "seq_mi" in aux:
+      line += f"  seq_mi {aux['seq_mi']:.3f}"
     return line
 
   def eval_line(self, result):
     return (f"coverage {result['coverage']:.2f}  validity "
             f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
-            f"usage {[round(v, 2) for v in result['latent_usage']]}")
+            f"usage {[round(v, 2) for v in result['latent_usage']]}  "
+            f"dead {result['dead_latents']}")
 
   def summary(self, state, result, seconds_per_step):
     # (The step time stays out of this summary: equal runs have equal summaries.)
-    keys = ("coverage", "validity", "latent_usage", "nmi", "token_jsd", "nll", "seq_kl",
-            "seq_kl_stderr", "assignment", "confusion", "exact_match", "edit_distance",
-            "kl_payoff_to_model")
+    keys = ("coverage", "validity", "latent_usage", "dead_latents", "nmi", "token_jsd", "nll",
+            "seq_kl", "seq_kl_stderr", "seq_mi", "seq_mi_stderr", "assignment", "confusion",
+            "exact_match", "edit_distance", "kl_payoff_to_model")
     return dict(steps=int(state.step), nonfinite_steps=int(state.nonfinite_total),
                 task=self.config.task.name, **{k: result[k] for k in keys})
 
@@ -373,9 +402,13 @@ class Diversity(train.Objective):
             f"z={k}->s={s}" if s >= 0 else f"z={k}->none"
             for k, s in enumerate(summary["assignment"])),
         "  latent usage       : " + ", ".join(f"{u:.2f}" for u in summary["latent_usage"]),
+        f"  dead latents       : {summary['dead_latents']} (usage 0 or validity < 50%)",
         f"  latent/strategy NMI: {summary['nmi']:.3f}",
         f"  sequence KL between latents (MC): {summary['seq_kl']:.3f} "
         f"± {summary['seq_kl_stderr']:.3f}",
+        f"  mutual information I(Z; Y | x) (MC): {summary['seq_mi']:.3f} "
+        f"± {summary['seq_mi_stderr']:.3f} nats (at most log K = "
+        f"{math.log(len(summary['validity'])):.3f})",
         f"  token JSD: {summary['token_jsd']:.4f}   NLL/token: {summary['nll']:.4f}",
     ]
     if summary["task"] == "transduction":

@@ -85,9 +85,11 @@ class DiversityStepTest(parameterized.TestCase):
     summary = dict(steps=3, task="transduction", coverage=1.0, validity=[1.0, 0.5],
                    assignment=[0, -1], latent_usage=[0.7, 0.3], nmi=0.5, seq_kl=1.0,
                    seq_kl_stderr=0.1, token_jsd=0.2, nll=0.3, exact_match=0.9,
-                   edit_distance=0.1, kl_payoff_to_model=2.0)
+                   edit_distance=0.1, kl_payoff_to_model=2.0, dead_latents=1, seq_mi=0.25,
+                   seq_mi_stderr=0.01)
     text = diversity.Diversity.format_summary(summary)
-    for part in ("coverage : 1.00", "z=1->none", "exact match: 90.0%"):
+    for part in ("coverage : 1.00", "z=1->none", "exact match: 90.0%", "dead latents       : 1",
+                 "I(Z; Y | x) (MC): 0.250 ± 0.010 nats (at most log K = 0.693)"):
       self.assertIn(part, text)
 
   def test_structure_reports_whether_the_sequence_term_is_on(self):
