@@ -308,6 +308,28 @@ class StrategyTest(chex.TestCase):
       metrics.latent_usage(np.zeros((4, 2), int), 2)
 
 
+class MutualInformationMetricTest(chex.TestCase):
+
+  def test_matches_numpy_and_is_bounded(self):
+    rng = np.random.default_rng(5)
+    b, k, length = 6, 3, 4
+    logp = np.log(rng.dirichlet(np.ones(5), size=(b, k, k, length))[..., 0])
+    mask = (rng.uniform(size=(b, k, length)) < 0.8).astype(np.float64)
+    mean, stderr = metrics.mc_mutual_information(jnp.asarray(logp), jnp.asarray(mask))
+    seq = np.sum(logp * mask[:, :, None, :], -1)  # [b, i, j]
+    per = np.array([[seq[n, i, i] - np.log(np.mean(np.exp(seq[n, i]))) for i in range(k)]
+                    for n in range(b)])
+    np.testing.assert_allclose(mean, per.mean(), rtol=1e-5)
+    np.testing.assert_allclose(stderr, per.mean(1).std(ddof=1) / np.sqrt(b), rtol=1e-4)
+    self.assertLessEqual(float(per.max()), np.log(k) + 1e-9)
+
+  def test_dead_latents(self):
+    self.assertEqual(int(metrics.dead_latents(jnp.array([0.5, 0.0, 0.5]),
+                                              jnp.array([1.0, 1.0, 0.4]))), 2)
+    self.assertEqual(int(metrics.dead_latents(jnp.array([0.3, 0.3, 0.4]),
+                                              jnp.array([0.9, 0.5, 1.0]))), 0)
+
+
 class SequenceKLTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

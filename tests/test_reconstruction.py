@@ -97,6 +97,49 @@ class EMLossTest(chex.TestCase):
         fn(jnp.zeros(4))
 
 
+class RemediesTest(chex.TestCase):
+  """Relaxed winner-take-all and annealed EM (DESIGN.md §5.7)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_relaxed_wta_matches_numpy_and_its_limits(self):
+    loglik = _loglik(11)
+    for eps in (0.0, 0.1, 0.5):
+      loss, winners = self.variant(reconstruction.relaxed_wta_loss)(loglik, eps)
+      best = np.argmax(loglik, -1)
+      w = np.where(np.arange(4)[None] == best[:, None], 1 - eps, eps / 3)
+      np.testing.assert_allclose(loss, -np.mean(np.sum(w * loglik, -1)), rtol=1e-5)
+      np.testing.assert_array_equal(winners, best)
+    np.testing.assert_allclose(reconstruction.relaxed_wta_loss(loglik, 0.0)[0],
+                               reconstruction.hard_em_loss(loglik)[0], rtol=1e-6)
+    # Every latent of every example gets a share of the gradient (a latent that
+    # wins nothing still learns); hard-EM gives the losers none.
+    grad = jax.grad(lambda l: reconstruction.relaxed_wta_loss(l, 0.1)[0])(loglik)
+    self.assertTrue(np.all(np.asarray(grad) < 0))
+    hard = jax.grad(lambda l: reconstruction.hard_em_loss(l)[0])(loglik)
+    self.assertEqual(int(np.sum(np.asarray(hard) != 0)), loglik.shape[0])
+
+  def test_annealed_em_interpolates_soft_and_hard(self):
+    loglik = jnp.asarray(_loglik(12))
+    soft = jax.grad(reconstruction.soft_em_loss)(loglik)
+    at_one = jax.grad(lambda l: reconstruction.annealed_em_loss(l, 1.0))(loglik)
+    np.testing.assert_allclose(at_one, soft, rtol=1e-5, atol=1e-7)
+    hard = jax.grad(lambda l: reconstruction.hard_em_loss(l)[0])(loglik)
+    at_zero = jax.grad(lambda l: reconstruction.annealed_em_loss(l, 0.0))(loglik)
+    np.testing.assert_allclose(at_zero, hard, rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(reconstruction.annealing_temperature(s, 100)) for s in (0, 50, 100, 300)],
+        [1.0, 0.5, 0.0, 0.0])
+
+  @parameterized.parameters("relaxed_wta", "annealed_em")
+  def test_dispatch(self, kind):
+    loglik = _loglik(13)
+    out = reconstruction.reconstruction_loss(kind, loglik, epsilon=0.2, temperature=0.5)
+    want = (reconstruction.relaxed_wta_loss(loglik, 0.2)[0] if kind == "relaxed_wta"
+            else reconstruction.annealed_em_loss(loglik, 0.5))
+    np.testing.assert_allclose(out.loss, want, rtol=1e-6)
+    np.testing.assert_array_equal(out.winners, np.argmax(loglik, -1))
+
+
 class ReconstructionLossTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
