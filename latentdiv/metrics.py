@@ -136,6 +136,30 @@ def per_latent_validity(matches_BxK: jax.Array) -> jax.Array:
   return jnp.mean(matches_BxK >= 0, axis=0, dtype=jnp.float32)
 
 
+def per_example_coverage(matches_BxK: jax.Array, num_strategies: int) -> jax.Array:
+  """Mean over examples of the share of the S strategies some latent reproduces.
+
+  ``cov_x = (1/B) Σ_b |{m_{b,k} : k, m_{b,k} ≥ 0}| / S``. Unlike
+  :func:`strategy_coverage` it does not ask a latent to pick the same
+  strategy index for every x: a labelling that depends on x (as valid a
+  decomposition of the data when the strategy index is not identifiable)
+  still covers every strategy of every example.
+
+  Args:
+    matches_BxK: [B, K] int from :func:`match_strategies` (−1 = invalid).
+    num_strategies: S.
+
+  Returns:
+    Scalar in [0, min(K, S)/S].
+
+  References:
+    DESIGN.md §9.
+  """
+  chex.assert_rank(matches_BxK, 2, custom_message="matches_BxK must be [batch, K]")
+  hits_BxKxS = jax.nn.one_hot(matches_BxK, num_strategies, dtype=jnp.float32)  # −1 → zeros.
+  return jnp.mean(jnp.max(hits_BxKxS, axis=1))
+
+
 def latent_strategy_counts(matches_BxK: jax.Array, num_strategies: int) -> jax.Array:
   """How often each latent produced each strategy.
 

@@ -323,6 +323,14 @@ class MutualInformationMetricTest(chex.TestCase):
     np.testing.assert_allclose(stderr, per.mean(1).std(ddof=1) / np.sqrt(b), rtol=1e-4)
     self.assertLessEqual(float(per.max()), np.log(k) + 1e-9)
 
+  def test_per_example_coverage_against_brute_force(self):
+    rng = np.random.default_rng(7)
+    matches = rng.integers(-1, 3, size=(9, 4))
+    want = np.mean([len({m for m in row if m >= 0}) / 3 for row in matches])
+    np.testing.assert_allclose(metrics.per_example_coverage(jnp.asarray(matches), 3), want,
+                               rtol=1e-6)
+    self.assertEqual(float(metrics.per_example_coverage(jnp.full((2, 3), -1), 3)), 0.0)
+
   def test_dead_latents(self):
     self.assertEqual(int(metrics.dead_latents(jnp.array([0.5, 0.0, 0.5]),
                                               jnp.array([1.0, 1.0, 0.4]))), 2)

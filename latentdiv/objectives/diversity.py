@@ -348,6 +348,7 @@ class Diversity(train.Objective):
           kl_payoff_to_model=jnp.mean(log_q - log_p),
           validity=validity,
           coverage=coverage.coverage,
+          per_example_coverage=metrics_lib.per_example_coverage(matches, task.num_strategies),
           assignment=coverage.assignment,
           nmi=metrics_lib.latent_strategy_nmi(matches, task.num_strategies),
           confusion=metrics_lib.confusion(matches, task.num_strategies),
@@ -379,14 +380,15 @@ class Diversity(train.Objective):
     return line
 
   def eval_line(self, result):
-    return (f"coverage {result['coverage']:.2f}  validity "
+    return (f"coverage {result['coverage']:.2f} ({result['per_example_coverage']:.3f} per "
+            f"example)  validity "
             f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
             f"usage {[round(v, 2) for v in result['latent_usage']]}  "
             f"dead {result['dead_latents']}")
 
   def summary(self, state, result, seconds_per_step):
     # (The step time stays out of this summary: equal runs have equal summaries.)
-    keys = ("coverage", "validity", "latent_usage", "dead_latents", "nmi", "token_jsd", "nll",
+    keys = ("coverage", "per_example_coverage", "validity", "latent_usage", "dead_latents", "nmi", "token_jsd", "nll",
             "seq_kl", "seq_kl_stderr", "seq_mi", "seq_mi_stderr", "assignment", "confusion",
             "exact_match", "edit_distance", "kl_payoff_to_model")
     return dict(steps=int(state.step), nonfinite_steps=int(state.nonfinite_total),
@@ -396,7 +398,8 @@ class Diversity(train.Objective):
   def format_summary(cls, summary: dict) -> str:
     lines = [
         f"Finished {summary['steps']} steps on '{summary['task']}'.",
-        f"  strategy coverage : {summary['coverage']:.2f}",
+        f"  strategy coverage : {summary['coverage']:.2f}   per example: "
+        f"{summary['per_example_coverage']:.3f}",
         "  validity per latent: " + ", ".join(f"{v:.1%}" for v in summary["validity"]),
         "  latent -> strategy : " + ", ".join(
             f"z={k}->s={s}" if s >= 0 else f"z={k}->none"

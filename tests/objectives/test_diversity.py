@@ -82,7 +82,8 @@ class DiversityStepTest(parameterized.TestCase):
       self.assertEqual(leaf.dtype, np.float32)
 
   def test_summary_lines_name_what_was_measured(self):
-    summary = dict(steps=3, task="transduction", coverage=1.0, validity=[1.0, 0.5],
+    summary = dict(steps=3, task="transduction", coverage=1.0, per_example_coverage=0.9,
+                   validity=[1.0, 0.5],
                    assignment=[0, -1], latent_usage=[0.7, 0.3], nmi=0.5, seq_kl=1.0,
                    seq_kl_stderr=0.1, token_jsd=0.2, nll=0.3, exact_match=0.9,
                    edit_distance=0.1, kl_payoff_to_model=2.0, dead_latents=1, seq_mi=0.25,
