@@ -43,6 +43,10 @@ Tasks (``make_task(name, **kwargs)``):
   ``y* = g(x_1..x_n)`` then EOS then PAD (``T = P + 1``), with ``g`` one of
   ``"reverse"`` (``x_n..x_1``), ``"copy"`` (``x_1..x_n``) and ``"dedup"``
   (consecutive repeats collapsed: ``a a b a → a b a``, length ≤ n).
+* ``pattern_placement`` — strategy s writes s fillers, the prompt (the shared
+  pattern), then S − 1 − s fillers (``T = P + S``): strategies that differ only
+  in where a shared pattern is placed, so teacher forcing on the data sees the
+  latents agree once the pattern has started (DESIGN.md §9).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ import jax.numpy as jnp
 
 from latentdiv import vocab
 
-TASKS = ("early_divergence", "late_divergence", "transduction")
+TASKS = ("early_divergence", "late_divergence", "transduction", "pattern_placement")
 LATE_VARIANTS = ("shift", "permute")
 TRANSFORMS = ("reverse", "copy", "dedup")
 
@@ -387,10 +391,56 @@ def transduction(alphabet_size: int = 8, prompt_len: int = 6, min_len: int = 2,
                dict(min_len=min_len, transform=transform), prompt_fn, outputs_fn)
 
 
+def pattern_placement(alphabet_size: int = 6, prompt_len: int = 4,
+                      num_strategies: int = 3) -> Task:
+  """Strategies that write the same pattern at different offsets.
+
+  Symbol 0 is a filler that prompts never use (prompt symbols are uniform in
+  ``1..A−1``); strategy s writes ``s`` fillers, the prompt ``x_1..x_P`` (the
+  shared pattern), then ``S − 1 − s`` fillers and EOS (T = P + S). The
+  strategies differ only in where the pattern is placed: under teacher
+  forcing on data the offset is revealed as soon as the pattern starts, after
+  which a latent that copies the prompt agrees with every other one, while
+  free-running latents write the pattern at their own offset throughout
+  (DESIGN.md §9).
+
+  Args:
+    alphabet_size: A ≥ 2 (symbol 0 is the filler).
+    prompt_len: P.
+    num_strategies: S, the number of offsets.
+
+  Returns:
+    The ``Task``.
+
+  References:
+    DESIGN.md §9 (strategies that teacher forcing cannot tell apart).
+  """
+  _check_positive(alphabet_size=alphabet_size, prompt_len=prompt_len,
+                  num_strategies=num_strategies)
+  if alphabet_size < 2:
+    raise ValueError(f"alphabet_size must be >= 2 (symbol 0 is the filler), got "
+                     f"{alphabet_size}.")
+  width = prompt_len + num_strategies - 1
+
+  def prompt_fn(key):
+    return _content(jax.random.randint(key, (prompt_len,), 1, alphabet_size))
+
+  def outputs_fn(prompt_P):
+    position = jnp.arange(width)[None, :] - jnp.arange(num_strategies)[:, None]  # t − s
+    inside = (position >= 0) & (position < prompt_len)
+    pattern = prompt_P[jnp.clip(position, 0, prompt_len - 1)]
+    rows = jnp.where(inside, pattern, _content(jnp.zeros((), jnp.int32)))
+    return _append_eos(rows)
+
+  return _make("pattern_placement", alphabet_size, prompt_len, width + 1, num_strategies,
+               {}, prompt_fn, outputs_fn)
+
+
 _FACTORIES = {
     "early_divergence": early_divergence,
     "late_divergence": late_divergence,
     "transduction": transduction,
+    "pattern_placement": pattern_placement,
 }
 
 
