@@ -44,6 +44,7 @@ from latentdiv import baselines  # noqa: E402
 from latentdiv import diagnostics  # noqa: E402
 from latentdiv import estimators as est  # noqa: E402
 from latentdiv import experiment  # noqa: E402
+from latentdiv import mi_diagnostics  # noqa: E402
 from latentdiv import objectives  # noqa: E402
 from latentdiv import train  # noqa: E402
 
@@ -127,6 +128,19 @@ def format_table(rows: Sequence[dict], exact: bool) -> str:
         r["estimator"], r["baseline"], str(r["rollouts"]), f"{r['norm_ratio']:.3f}",
         f"{r['cosine']:.4f}", err, f"{r['variance']:.3e}", f"{r['var_ratio']:.3f}",
         f"{r['var_x_rollouts']:.3e}", f"{r['snr']:.3g}", f"{r['cos_one']:.3f}"]) + " |")
+  return "\n".join(lines)
+
+
+def format_mi_table(rows: Sequence[dict]) -> str:
+  """The mutual-information rows (``mi_diagnostics``) as a Markdown table."""
+  head = ["estimator", "baseline", "pathwise", "rollouts", "cos(E g, ∇I)", "rel. err",
+          "variance", "var/traj", "var×rollouts"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    lines.append("| " + " | ".join([
+        r["estimator"], r["baseline"], "yes" if r["pathwise"] else "no", str(r["rollouts"]),
+        f"{r['cosine']:.4f}", f"{r['rel_err']:.1e}", f"{r['variance']:.3e}",
+        f"{r['var_ratio']:.3f}", f"{r['variance'] * r['rollouts']:.3e}"]) + " |")
   return "\n".join(lines)
 
 
@@ -225,6 +239,9 @@ _FLAGS = (  # (kind, name, default, [enum values,] help)
     ("integer", "chunk", 32, "Items (pairs of rollouts) per compiled call."),
     ("enum", "precision", "auto", diagnostics.PRECISIONS, "auto: float64 in exact mode, else float32."),
     ("integer", "seed", 0, "Prompts, rollouts and a fresh model's parameters."),
+  ("bool", "mutual_information", True, "Exact mode: also the mutual-information estimators "
+   "(DESIGN.md §5.6), every estimator with the none and leave_one_out baselines, with and "
+   "without the pathwise term."),
     ("string", "output_dir", None, "Where estimator_variance.{md,json,png} go (default: "
      "WORKDIR/estimator_variance, or workdir/estimator_variance)."),
 )
@@ -271,6 +288,17 @@ def main(argv, flag_values=None):
             f"(D_ij from {min(kls):.3g} to {max(kls):.3g}); reference: {reference}; "
             f"{result['seconds']:.0f} s.")
   table = format_table(result["rows"], exact)
+  if exact and f.mutual_information:
+    rollout_len = result["rollout_len"]
+    mi = mi_diagnostics.exact_mi_diagnostics(
+        setup.model, params, batch.prompt, rollout_len,
+        mi_diagnostics.mi_combinations(
+            [e for e in f.estimators if e in est.ALL_ESTIMATORS],
+            [b for b in f.baselines if b in ("none", "leave_one_out")]))
+    result["mutual_information"] = mi
+    table += ("\n\nMutual information I(Z; Y | x) (DESIGN.md §5.6), exact, one draw k ~ U, "
+              f"y ~ p_k; I from {min(mi['mi']):.3g} to {max(mi['mi']):.3g} nats over the "
+              f"{len(mi['mi'])} prompts:\n\n" + format_mi_table(mi["rows"]))
   base = os.path.join(out_dir, "estimator_variance")
   with open(base + ".md", "w") as fh:
     fh.write(header + "\n\n" + table + "\n\nMetrics are means over the cells; "

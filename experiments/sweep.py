@@ -1,8 +1,8 @@
 """What the multi-run experiment scripts share: shared flags, one resumable run, a process pool.
 
-``experiments/research.py`` and ``experiments/raml_compare.py`` train many
+``experiments/diversity_study.py`` and ``experiments/raml_compare.py`` train many
 (arm, seed) runs with ``train.train_and_evaluate``, each in its own workdir,
-and add a per-run record (``research.json``, ``raml.json``) of extra
+and add a per-run record (``study.json``, ``raml.json``) of extra
 evaluations. A finished run is never trained again; a run whose record is
 missing or stale gets only its extra evaluation.
 """

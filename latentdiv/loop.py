@@ -128,7 +128,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, *, initial_state, 
       if is_lead:
         workdir_lib.write_scalars(writer, at, aux, "train")
         writer.add_scalar("train/steps_per_sec", rate, at)
-        workdir_lib.append_log(workdir, dict(step=at, kind="train", **aux))
+        workdir_lib.append_log(workdir, dict(step=at, kind="train", time=now, **aux))
         print(train_line(at, aux, rate), flush=True)
 
     def run_eval(at):
