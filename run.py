@@ -1,7 +1,7 @@
 """Runs a latentdiv experiment from a config file.
 
   python run.py                                   # default config, ./workdir/default
-  python run.py --config=experiments/configs/diversity_study.py:late,mi,relaxed_wta --workdir=/tmp/run1
+  python run.py --config=experiments/configs/diversity_study.py:late,mi,annealed_em --workdir=/tmp/run1
   python run.py --config.train.num_steps=200 --config.model.num_latents=4
   python run.py --config=experiments/configs/distill.py   # after the default run
 

@@ -52,7 +52,7 @@ _DOCS = _define_shared(flags.DEFINE_string, "docs", os.path.join(_ROOT_DIR, "doc
 _SEEDS = _define_shared(flags.DEFINE_integer, "seeds", 5, "Seeds per cell: 0..seeds-1.")
 _TASKS = flags.DEFINE_list("tasks", list(study.TASKS), "Tasks to run.")
 _OBJECTIVES = flags.DEFINE_list("objectives", list(study.OBJECTIVES), "Objectives to run.")
-_RECONSTRUCTIONS = flags.DEFINE_list("reconstructions", ["hard_em", "relaxed_wta"],
+_RECONSTRUCTIONS = flags.DEFINE_list("reconstructions", ["hard_em", "annealed_em"],
                                      "Reconstructions to run.")
 _WORKERS = _define_shared(flags.DEFINE_integer, "workers", 2,
                           "Parallel training processes (1: in-process).")

@@ -32,8 +32,14 @@ class ConfigTest(parameterized.TestCase):
     if objective in ("kl", "mi"):
       self.assertEqual(s.kind, objective)
 
+  def test_weight_override(self):
+    self.assertEqual(study.get_config("late,jsd,hard_em,0.03").objective.lambda_jsd, 0.03)
+    self.assertEqual(study.get_config("late,mi,hard_em,2").objective.sequence_term.weight, 2.0)
+    with self.assertRaisesRegex(ValueError, "WEIGHT applies to"):
+      study.get_config("late,recon,hard_em,0.1")
+
   def test_bad_arguments_name_the_part(self):
-    with self.assertRaisesRegex(ValueError, "TASK,OBJECTIVE,RECONSTRUCTION"):
+    with self.assertRaisesRegex(ValueError, r"TASK,OBJECTIVE,RECONSTRUCTION\[,WEIGHT\]"):
       study.get_config("late,mi")
     with self.assertRaisesRegex(ValueError, "OBJECTIVE must be one of"):
       study.get_config("late,js,hard_em")

@@ -1,9 +1,10 @@
 """The diversity study: which objective keeps every latent alive and covers the strategies.
 
-    python run.py --config=experiments/configs/diversity_study.py:late,mi,relaxed_wta
+    python run.py --config=experiments/configs/diversity_study.py:late,mi,annealed_em
     python experiments/diversity_study.py           # every cell, 5 seeds, table + plots
 
-The config argument is ``TASK,OBJECTIVE,RECONSTRUCTION``:
+The config argument is ``TASK,OBJECTIVE,RECONSTRUCTION[,WEIGHT]`` (WEIGHT
+overrides the divergence term's weight: λ_jsd, or the sequence term's):
 
 * TASK (DESIGN.md §9), all with S = 3 hidden strategies, K = 3 latents and an
   alphabet of A = 6 symbols, prompt P = 4:
@@ -65,11 +66,12 @@ def task_config(config: ml_collections.ConfigDict, task: str) -> int:
   return config.task.prompt_len + config.task.num_strategies  # pattern + S − 1 fillers + EOS
 
 
-def get_config(arg: str = "late,mi,relaxed_wta") -> ml_collections.ConfigDict:
+def get_config(arg: str = "late,mi,annealed_em") -> ml_collections.ConfigDict:
   parts = arg.split(",")
-  if len(parts) != 3:
-    raise ValueError(f"The config argument must be TASK,OBJECTIVE,RECONSTRUCTION, got {arg!r}.")
-  task, objective, recon = parts
+  if len(parts) not in (3, 4):
+    raise ValueError("The config argument must be TASK,OBJECTIVE,RECONSTRUCTION[,WEIGHT], got "
+                     f"{arg!r}.")
+  task, objective, recon = parts[:3]
   for value, allowed, name in ((task, TASKS, "TASK"), (objective, OBJECTIVES, "OBJECTIVE"),
                                (recon, RECONSTRUCTIONS, "RECONSTRUCTION")):
     if value not in allowed:
@@ -100,4 +102,12 @@ def get_config(arg: str = "late,mi,relaxed_wta") -> ml_collections.ConfigDict:
   config.train.eval_every = 50
   config.train.checkpoint_every = 100
   config.eval.batch_size = 256
+  if len(parts) == 4:  # The divergence term's weight (λ_jsd or the sequence term's).
+    weight = float(parts[3])
+    if objective == "jsd":
+      o.lambda_jsd = weight
+    elif objective in ("kl", "mi"):
+      s.weight = weight
+    else:
+      raise ValueError(f"WEIGHT applies to jsd, kl and mi, not {objective!r} (in {arg!r}).")
   return config
