@@ -5,7 +5,7 @@ For a model and a few prompts, every estimator of DESIGN.md §5.3 (with the
 is evaluated as an estimator of ``∇_θ I(Z; Y | x)`` (§5.6) by enumeration
 (§7): its exact mean against ``jax.grad`` of ``oracle.exact_mutual_information``
 and the total variance of one draw (k ~ U, y ~ p_k), through
-``moments.mi_gradient_moments`` — the library's own estimator code on every
+``mi_moments.mi_gradient_moments`` — the library's own estimator code on every
 output at once. The rows sit beside the sequence-KL diagnostics of
 ``latentdiv.diagnostics`` in ``experiments/estimator_variance.py``.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from latentdiv import baselines as baselines_lib
 from latentdiv import estimators as est
 from latentdiv import model_oracle
-from latentdiv import moments
+from latentdiv import mi_moments
 from latentdiv import oracle
 from latentdiv import vocab
 
@@ -91,7 +91,7 @@ def exact_mi_diagnostics(model, params, prompts_BxP, length: int,
       info.append(float(value))
       stats = []
       for combo in combos:
-        m = moments.mi_gradient_moments(logits_fn, params, num_latents, combo.estimator,
+        m = mi_moments.mi_gradient_moments(logits_fn, params, num_latents, combo.estimator,
                                         *args, baseline=combo.baseline,
                                         pathwise=combo.pathwise, chunk_size=chunk, **kw)
         mean = ravel(m.mean)

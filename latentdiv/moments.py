@@ -19,7 +19,7 @@ Sign conventions (the estimators' surrogates are LOSSES):
 
 * :func:`estimator_gradient_moments` → mean ≈ ``−∇D_ij`` (D is maximised);
 * :func:`opd_gradient_moments` → mean ≈ ``+∇KL(π‖q)`` (KL is minimised);
-* :func:`mi_gradient_moments` → mean ≈ ``−∇I(Z; Y|x)`` (I is maximised).
+* ``mi_moments.mi_gradient_moments`` → mean ≈ ``−∇I(Z; Y|x)`` (I is maximised).
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import numpy as np
 
 from latentdiv import baselines
 from latentdiv import estimators as est
-from latentdiv import mutual_information as mi
 from latentdiv import oracle
 
 Array = chex.Array
@@ -290,8 +289,9 @@ def policy_gradient_estimates(score_fn: ModelFn, target_fn: ModelFn, params: PyT
   return jax.vmap(row_gradients)(tokens_NxL, cot_p, cot_q)
 
 
-def _moments(flat_fn, support, example, chunk_size):
-  """:class:`Moments` of a [1, 1, P]-valued fn, its mean unflattened like example."""
+def flat_moments(flat_fn, support: Support, example: PyTree, chunk_size: int) -> Moments:
+  """:class:`Moments` of a ``[1, 1, P]``-valued ``flat_fn`` on ``support``, the mean
+  unflattened like ``example`` (a pytree of P leaves in all, e.g. the parameters)."""
   unravel = flatten_util.ravel_pytree(example)[1]
   m = support_moments(flat_fn, support, chunk_size=chunk_size)
   return Moments(unravel(m.mean[0]), m.m2[0] / m.weight[0])
@@ -308,7 +308,7 @@ def _tree_moments(grad_fn, fn, params, vocab_size, length, group_size, eos_id,
       jax.eval_shape(item_fn, support.tokens[:group_size],
                      support.mask[:group_size]))
   flat_fn = lambda y, m: flatten_util.ravel_pytree(item_fn(y, m))[0][None, None]  # noqa: E731
-  return _moments(flat_fn, support, example, chunk_size)
+  return flat_moments(flat_fn, support, example, chunk_size)
 
 
 def estimator_moments(per_sequence_grad_fn: Callable, logits_fn: LogitsFn,
@@ -367,11 +367,18 @@ def pair_estimator_moments(per_pair_grad_fn: Callable, logits_fn: LogitsFn,
                        vocab_size, length, 2, eos_id, pad_id, chunk_size)
 
 
-def _policy_gradient_moments(score_fn, target_fn, params, estimator, vocab_size,
-                             length, baseline, baseline_fn, pathwise, sign,
-                             eos_id, pad_id, chunk_size, discount=1.0,
-                             length_normalize=False):
-  """Moments of ``sign · g`` with g from :func:`policy_gradient_estimates`."""
+def resolve_baseline(estimator: str, baseline: Optional[str],
+                     baseline_fn: Optional[Callable]) -> tuple[str, int]:
+  """``(baseline, group size)`` of a moments call, checked.
+
+  The default baseline is ``none``, or ``jsd`` (a caller-given value) when a
+  ``baseline_fn`` is given; ``leave_one_out`` needs groups of N = 2 rollouts.
+
+  Raises:
+    ValueError: an invalid estimator × baseline combination, or a
+      ``baseline_fn`` given for a baseline whose value is not the caller's
+      (or missing for one whose value is).
+  """
   if baseline is None:
     baseline = baselines.NONE if baseline_fn is None else baselines.JSD
   est.check_combination(estimator, baseline)
@@ -380,7 +387,15 @@ def _policy_gradient_moments(score_fn, target_fn, params, estimator, vocab_size,
         f"baseline_fn gives the value of the baselines "
         f"{baselines.GIVEN_BASELINES} and only of those; got "
         f"baseline={baseline!r} and baseline_fn={baseline_fn!r}.")
-  group_size = 2 if baseline == baselines.LEAVE_ONE_OUT else 1
+  return baseline, 2 if baseline == baselines.LEAVE_ONE_OUT else 1
+
+
+def _policy_gradient_moments(score_fn, target_fn, params, estimator, vocab_size,
+                             length, baseline, baseline_fn, pathwise, sign,
+                             eos_id, pad_id, chunk_size, discount=1.0,
+                             length_normalize=False):
+  """Moments of ``sign · g`` with g from :func:`policy_gradient_estimates`."""
+  baseline, group_size = resolve_baseline(estimator, baseline, baseline_fn)
   support = sequence_support(score_fn, params, vocab_size, length, group_size,
                              eos_id, pad_id)
 
@@ -401,7 +416,7 @@ def _policy_gradient_moments(score_fn, target_fn, params, estimator, vocab_size,
         ((estimator, baseline),), values, pathwise, discount, length_normalize),
         axis=0, keepdims=True)
 
-  return _moments(flat_fn, support, params, chunk_size)
+  return flat_moments(flat_fn, support, params, chunk_size)
 
 
 def estimator_gradient_moments(logits_fn: LogitsFn, params: PyTree, i: Any, j: Any,
@@ -517,109 +532,3 @@ def opd_gradient_moments(student_fn: ModelFn, student_params: PyTree,
       student_fn, teacher, student_params, estimator, vocab_size, length,
       baseline, baseline_fn, False, 1.0, eos_id, pad_id, chunk_size, discount,
       length_normalize)
-
-
-def mi_support(logits_fn: LogitsFn, params: PyTree, num_latents: int, vocab_size: int,
-               length: int, group_size: int = 1, eos_id: Optional[int] = None,
-               pad_id: int = 0) -> Support:
-  """Every (latent k, group of N rollouts of p_k) with probability ``(1/K) Π_n p_k(yⁿ)``.
-
-  One draw of the mutual-information estimator picks ``k ~ U{0..K−1}`` and
-  rolls out ``y ~ p_k``. The support's token rows are ``[k, y_1..y_L]``
-  (the latent in column 0, so one estimator function sees it; the mask's
-  column 0 is 0), one block of :func:`sequence_support` per latent.
-
-  Returns:
-    :class:`Support` with K·(V^L)^N items over rows of length L + 1.
-
-  References:
-    DESIGN.md §5.6, §7.
-  """
-  blocks, offset = [], 0
-  for k in range(num_latents):
-    s = sequence_support(oracle.bind(logits_fn, k), params, vocab_size, length,
-                         group_size, eos_id, pad_id)
-    rows = s.tokens.shape[0]
-    blocks.append((jnp.concatenate([jnp.full((rows, 1), k, s.tokens.dtype), s.tokens], 1),
-                   jnp.concatenate([jnp.zeros((rows, 1), s.mask.dtype), s.mask], 1),
-                   np.asarray(s.index) + offset, s.weight / num_latents))
-    offset += rows
-  tokens, mask, index, weight = zip(*blocks)
-  return Support(jnp.concatenate(tokens), jnp.concatenate(mask), np.concatenate(index),
-                 jnp.concatenate(weight))
-
-
-def mi_gradient_moments(logits_fn: LogitsFn, params: PyTree, num_latents: int,
-                        estimator: str, vocab_size: int, length: int, *,
-                        baseline: Optional[str] = None,
-                        baseline_fn: Optional[Callable] = None, pathwise: bool = False,
-                        eos_id: Optional[int] = None, pad_id: int = 0,
-                        chunk_size: int = 4096) -> Moments:
-  """Exact moments of the mutual-information gradient estimator (one draw k ~ U, y ~ p_k).
-
-  ``g(k, y) = −∇_params mean_n mutual_information.policy_gradient(...).loss[n]``
-  on the :func:`mutual_information.mixture_terms` of rollouts of latent k
-  scored under all K latents: the gradient of the surrogate LOSS, so for an
-  unbiased estimator ``mean == −oracle.exact_mutual_information_grad(...)``.
-  The variance is the total variance of one draw: over the latent as well as
-  the rollout (N = 2 rollouts of the same k for ``leave_one_out``).
-
-  Args:
-    logits_fn: ``(params, tokens_NxL, latent) -> logits_NxLxV``.
-    params: model parameters.
-    num_latents: K.
-    estimator: a name in ``estimators.ALL_ESTIMATORS``.
-    vocab_size: V.
-    length: L.
-    baseline: a name in ``baselines.BASELINES`` (default ``none``, or
-      ``jsd`` when ``baseline_fn`` is given).
-    baseline_fn: optional ``(tokens_L, r_t, kl_t, mask_t) -> b_t`` for a
-      caller-given baseline (its r_t and kl_t are the MI ones, no gradient).
-    pathwise: keep the pathwise term through p̄.
-    eos_id: optional EOS id.
-    pad_id: filler after EOS.
-    chunk_size: items per vmapped chunk.
-
-  Returns:
-    :class:`Moments` of the surrogate loss's gradient.
-
-  Raises:
-    ValueError: an invalid estimator × baseline combination.
-
-  References:
-    DESIGN.md §5.6, §7.
-  """
-  if baseline is None:
-    baseline = baselines.NONE if baseline_fn is None else baselines.JSD
-  est.check_combination(estimator, baseline)
-  if (baseline_fn is None) == (baseline in baselines.GIVEN_BASELINES):
-    raise ValueError(
-        f"baseline_fn gives the value of the baselines {baselines.GIVEN_BASELINES} and "
-        f"only of those; got baseline={baseline!r} and baseline_fn={baseline_fn!r}.")
-  group_size = 2 if baseline == baselines.LEAVE_ONE_OUT else 1
-  support = mi_support(logits_fn, params, num_latents, vocab_size, length, group_size,
-                       eos_id, pad_id)
-
-  def terms_of(p, latent, tokens_NxL, mask_NxL):
-    logits = jnp.stack([logits_fn(p, tokens_NxL, j) for j in range(num_latents)], axis=1)
-    return jax.vmap(mi.mixture_terms, (0, 0, 0, None))(logits, tokens_NxL, mask_NxL, latent)
-
-  def flat_fn(rows_NxL1, mask_NxL1):
-    latent, tokens, mask = rows_NxL1[0, 0], rows_NxL1[:, 1:], mask_NxL1[:, 1:]
-    values = None
-    if baseline_fn is not None:
-      t = terms_of(jax.lax.stop_gradient(params), latent, tokens, mask)
-      m = mask.astype(t.kl_t.dtype)
-      r = (t.logp_score_t - t.logp_target_t) * m
-      values = jax.vmap(lambda y, r_t, kl_t, m_t, mask_t: jnp.broadcast_to(
-          baseline_fn(y, r_t, kl_t, mask_t), m_t.shape).astype(m_t.dtype))(
-              tokens, r, t.kl_t * m, m, mask)
-
-    def loss(p):
-      pg = mi.policy_gradient(estimator, terms_of(p, latent, tokens, mask), mask,
-                              baseline=baseline, baseline_value=values, pathwise=pathwise)
-      return -jnp.mean(pg.loss)
-
-    return flatten_util.ravel_pytree(jax.grad(loss)(params))[0][None, None]
-
-  return _moments(flat_fn, support, params, chunk_size)

@@ -21,7 +21,7 @@ import pytest
 from latentdiv import estimators as est
 from latentdiv import model as model_lib
 from latentdiv import model_oracle
-from latentdiv import moments
+from latentdiv import mi_moments
 from latentdiv import mutual_information as mi
 from latentdiv import oracle
 from latentdiv import sampling
@@ -225,7 +225,7 @@ class TransformerExactTest(absltest.TestCase):
 
   def _moments(self, estimator, **kwargs):
     with jax.enable_x64(True):
-      return moments.mi_gradient_moments(self.logits_fn, self.params, K, estimator,
+      return mi_moments.mi_gradient_moments(self.logits_fn, self.params, K, estimator,
                                          *self.args, chunk_size=512, **self.kw, **kwargs)
 
   def test_unbiased_biased_and_variance_order(self):
