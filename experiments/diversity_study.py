@@ -51,7 +51,10 @@ _DOCS = _define_shared(flags.DEFINE_string, "docs", os.path.join(_ROOT_DIR, "doc
                        "Directory for the PNG plots.")
 _SEEDS = _define_shared(flags.DEFINE_integer, "seeds", 5, "Seeds per cell: 0..seeds-1.")
 _TASKS = flags.DEFINE_list("tasks", list(study.TASKS), "Tasks to run.")
-_OBJECTIVES = flags.DEFINE_list("objectives", list(study.OBJECTIVES), "Objectives to run.")
+_OBJECTIVES = flags.DEFINE_list(
+    "objectives", list(study.OBJECTIVES),
+    "Objectives to run; OBJECTIVE@WEIGHT overrides the divergence term's weight (a weight "
+    "sweep, e.g. jsd@0.03,mi@2).")
 _RECONSTRUCTIONS = flags.DEFINE_list("reconstructions", ["hard_em", "annealed_em"],
                                      "Reconstructions to run.")
 _WORKERS = _define_shared(flags.DEFINE_integer, "workers", 2,
@@ -84,8 +87,23 @@ def reaches_goal(summary: dict) -> bool:
           and summary["dead_latents"] == 0)
 
 
+def split_objective(objective: str) -> tuple[str, str | None]:
+  """``'jsd@0.03'`` → ``('jsd', '0.03')``: an objective with its weight overridden."""
+  name, _, weight = objective.partition("@")
+  return name, weight or None
+
+
+def objective_label(objective: str) -> str:
+  name, weight = split_objective(objective)
+  label = OBJECTIVE_LABELS[name]
+  if weight is not None:
+    label += f" (λ_jsd = {weight})" if name == "jsd" else f" (weight {weight})"
+  return label
+
+
 def get_config(task: str, objective: str, recon: str, seed: int, num_steps: int = 0):
-  config = study.get_config(f"{task},{objective},{recon}")
+  name, weight = split_objective(objective)
+  config = study.get_config(f"{task},{name},{recon}" + (f",{weight}" if weight else ""))
   config.seed = seed
   if num_steps:
     config.train.num_steps = num_steps
@@ -145,7 +163,7 @@ def run_all(root: str, tasks, objectives, recons, seeds: int, workers: int,
     if loaded is None or "ms_per_step" not in loaded["record"]:
       jobs.append((task, objective, recon, seed, workdir))
   # The sequence-level cells first: they are the slowest.
-  jobs.sort(key=lambda job: job[1] not in ("kl", "mi"))
+  jobs.sort(key=lambda job: split_objective(job[1])[0] not in ("kl", "mi"))
 
   def report(job, record, elapsed):
     print(f"[{elapsed:6.0f}s] {job[0]}/{job[1]}/{job[2]}/seed{job[3]} done "
@@ -188,7 +206,7 @@ def table(rows: list[dict]) -> str:
   for row in rows:
     if not row["seeds"]:
       continue
-    cols = [row["task"], OBJECTIVE_LABELS[row["objective"]], row["recon"], str(row["seeds"])]
+    cols = [row["task"], objective_label(row["objective"]), row["recon"], str(row["seeds"])]
     cols += [sweep.format_mean_std(row[k], row[k + "_std"], fmt) for k, _, fmt in COLUMNS]
     cols += [f"{row['coverage_1']}/{row['seeds']}", f"{row['goal']}/{row['seeds']}"]
     lines.append("| " + " | ".join(cols) + " |")
@@ -217,14 +235,15 @@ def plot_curves(root: str, rows: list[dict], seeds: int, path: str) -> None:
       if not curves:
         continue
       steps = [m["step"] for m in curves[0]]
-      label = f"{OBJECTIVE_LABELS[row['objective']]}, {row['recon']}"
+      label = f"{objective_label(row['objective'])}, {row['recon']}"
       for r_, (key, _) in enumerate(metrics):
         series = [[m[key] for m in run[:len(steps)]] for run in curves
                   if len(run) >= len(steps) and key in run[0]]
         if not series:
           continue
         line, = axes[r_, c].plot(steps, np.mean(series, axis=0), styles.get(row["recon"], "-"),
-                                 color=colors[row["objective"]], label=label, linewidth=1.6)
+                                 color=colors[split_objective(row["objective"])[0]],
+                                 label=label, linewidth=1.6)
         handles[label] = line
     axes[0, c].set_title(task)
     for r_, (_, name) in enumerate(metrics):
@@ -242,7 +261,8 @@ def main(argv):
   del argv
   root = _ROOT.value
   for name, values, allowed in (("tasks", _TASKS.value, study.TASKS),
-                                ("objectives", _OBJECTIVES.value, study.OBJECTIVES),
+                                ("objectives", [split_objective(o)[0] for o in _OBJECTIVES.value],
+                                 study.OBJECTIVES),
                                 ("reconstructions", _RECONSTRUCTIONS.value,
                                  study.RECONSTRUCTIONS)):
     bad = [v for v in values if v not in allowed]

@@ -86,6 +86,13 @@ class AggregateTest(absltest.TestCase):
     diversity_study.plot_curves(root, rows, 4, path)
     self.assertGreater(os.path.getsize(path), 1000)
 
+  def test_weight_variants(self):
+    self.assertEqual(diversity_study.split_objective("jsd@0.03"), ("jsd", "0.03"))
+    self.assertEqual(diversity_study.split_objective("mi"), ("mi", None))
+    self.assertEqual(diversity_study.objective_label("jsd@0.03"), "+ token JSD (λ_jsd = 0.03)")
+    config = diversity_study.get_config("late", "mi@2", "hard_em", 3)
+    self.assertEqual((config.objective.sequence_term.weight, config.seed), (2.0, 3))
+
   def test_seconds_per_step_from_the_logged_times(self):
     root = self.create_tempdir().full_path
     _write_run(root, 1.0, 1.0, [1.0], 0, ms=20.0)
