@@ -15,6 +15,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -50,12 +51,20 @@ def train_once(config, workdir: str, record_name: str,
     The record.
   """
   from latentdiv import experiment  # pylint: disable=import-outside-toplevel
+  from latentdiv import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   record_path = os.path.join(workdir, record_name)
   record = {}
   if os.path.exists(record_path):
     with open(record_path) as f:
       record = json.load(f)
+  saved = workdir_lib.read_config_record(workdir)
+  if saved is not None:  # A run of another config is never reused (or resumed) silently.
+    diffs = workdir_lib.differences(workdir_lib.flatten(saved),
+                                    workdir_lib.flatten(workdir_lib.config_record(config)))
+    if diffs:
+      raise ValueError(f"{workdir} holds a run of another config ({'; '.join(diffs)}): "
+                       "remove it or use another --root.")
   if not os.path.exists(os.path.join(workdir, "summary.json")):
     start = time.time()
     with open(os.path.join(workdir, "train.log"), "a") as log, \
@@ -70,7 +79,16 @@ def train_once(config, workdir: str, record_name: str,
   return record
 
 
-def _init_worker(cache_dir: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+  """Ends this worker when its parent is gone (a killed sweep leaves no orphan runs)."""
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _init_worker(cache_dir: str, parent: int | None = None) -> None:
+  if parent is not None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
   import jax  # pylint: disable=import-outside-toplevel
   try:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -112,7 +130,8 @@ def run_jobs(jobs: Sequence[tuple], run_one: Callable[..., dict], root: str, wor
       return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(cache_dir,)) as pool:
+        workers, mp_context=context, initializer=_init_worker,
+        initargs=(cache_dir, os.getpid())) as pool:
       futures = {pool.submit(run_one, *job, **kwargs): job for job in jobs}
       for future in concurrent.futures.as_completed(futures):
         report(futures[future], future.result(), time.time() - start)
