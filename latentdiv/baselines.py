@@ -34,6 +34,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from latentdiv import checks
+
 Array = chex.Array
 
 NONE = "none"
@@ -47,10 +49,6 @@ BASELINES = (NONE, LEAVE_ONE_OUT, EMA, JSD)
 GIVEN_BASELINES = (EMA, JSD)
 """Baselines whose value the caller supplies (``baseline_value``)."""
 
-
-def _assert_equal_shape(arrays, names: str) -> None:
-  chex.assert_equal_shape(arrays, custom_message=f"arguments: {names}",
-                          exception_type=ValueError)
 
 
 def check_baseline(baseline: str) -> None:
@@ -86,7 +84,7 @@ def leave_one_out_baseline(returns_NxL: Array, mask_NxL: Array) -> Array:
   chex.assert_rank([returns_NxL, mask_NxL], 2,
                    custom_message="arguments: returns_NxL, mask_NxL",
                    exception_type=ValueError)
-  _assert_equal_shape([returns_NxL, mask_NxL], "returns_NxL, mask_NxL")
+  checks.assert_equal_shape([returns_NxL, mask_NxL], "returns_NxL, mask_NxL")
   if returns_NxL.shape[0] < 2:
     raise ValueError(
         "leave_one_out_baseline needs N >= 2 rollouts per group; got "
@@ -118,7 +116,7 @@ def position_mean(returns_NxL: Array, weights_NxL: Array) -> Array:
   References:
     DESIGN.md §5.4 (ema).
   """
-  _assert_equal_shape([returns_NxL, weights_NxL], "returns_NxL, weights_NxL")
+  checks.assert_equal_shape([returns_NxL, weights_NxL], "returns_NxL, weights_NxL")
   returns = jax.lax.stop_gradient(returns_NxL)
   w = weights_NxL.astype(returns.dtype)
   axes = tuple(range(returns.ndim - 1))
@@ -143,7 +141,7 @@ def ema_update(ema: Array, value: Array, decay: float) -> Array:
   References:
     DESIGN.md §5.4 (ema).
   """
-  _assert_equal_shape([ema, value], "ema, value")
+  checks.assert_equal_shape([ema, value], "ema, value")
   value = jax.lax.stop_gradient(value)
   return decay * ema + (1.0 - decay) * value
 
@@ -261,10 +259,10 @@ def fit_control_variate_coefficient(state: ControlVariateState,
   References:
     DESIGN.md §5.4.
   """
-  _assert_equal_shape([returns, jsd_values], "returns, jsd_values")
+  checks.assert_equal_shape([returns, jsd_values], "returns, jsd_values")
   if mask is None:
     mask = jnp.ones(returns.shape, state.mean_r.dtype)
-  _assert_equal_shape([returns, mask], "returns, mask")
+  checks.assert_equal_shape([returns, mask], "returns, mask")
   dtype = state.mean_r.dtype
   r = jax.lax.stop_gradient(returns).astype(dtype)
   j = jax.lax.stop_gradient(jsd_values).astype(dtype)
@@ -304,10 +302,10 @@ def explained_variance(returns: Array,
     DESIGN.md §5.4 (the diagnostics report the variance removed).
   """
   returns, baseline = jnp.asarray(returns), jnp.asarray(baseline)
-  _assert_equal_shape([returns, baseline], "returns, baseline")
+  checks.assert_equal_shape([returns, baseline], "returns, baseline")
   if mask is None:
     mask = jnp.ones(returns.shape, returns.dtype)
-  _assert_equal_shape([returns, mask], "returns, mask")
+  checks.assert_equal_shape([returns, mask], "returns, mask")
   w = mask.astype(returns.dtype)
   total = jnp.maximum(jnp.sum(w), 1.0)
 

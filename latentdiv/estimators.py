@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from latentdiv import baselines
+from latentdiv import checks
 
 Array = chex.Array
 
@@ -101,14 +102,6 @@ class PolicyGradient(NamedTuple):
   r_t: Array  # [N, L] log p(y_t|c_t) − log q(y_t|c_t), no gradient, 0 masked.
 
 
-def _assert_rank(arrays, rank, names: str) -> None:
-  chex.assert_rank(arrays, rank, custom_message=f"arguments: {names}",
-                   exception_type=ValueError)
-
-
-def _assert_equal_shape(arrays, names: str) -> None:
-  chex.assert_equal_shape(arrays, custom_message=f"arguments: {names}",
-                          exception_type=ValueError)
 
 
 def _check_estimator(estimator: str) -> None:
@@ -244,8 +237,8 @@ def estimator_returns(estimator: str, r_t: Array, kl_t: Array,
     DESIGN.md §5.3, §5.4.
   """
   check_variant(estimator, discount, length_normalize)
-  _assert_rank([r_t, kl_t, mask_t], 1, "r_t, kl_t, mask_t")
-  _assert_equal_shape([r_t, kl_t, mask_t], "r_t, kl_t, mask_t")
+  checks.assert_rank([r_t, kl_t, mask_t], 1, "r_t, kl_t, mask_t")
+  checks.assert_equal_shape([r_t, kl_t, mask_t], "r_t, kl_t, mask_t")
   mask_t = mask_t.astype(r_t.dtype)
   r_t = jax.lax.stop_gradient(r_t) * mask_t
   kl_t = jax.lax.stop_gradient(kl_t).astype(r_t.dtype) * mask_t
@@ -351,8 +344,8 @@ def policy_gradient(estimator: str, terms: PerTokenTerms, mask_NxL: Array, *,
   check_variant(estimator, discount, length_normalize)
   names = "terms.logp_score_t, terms.logp_target_t, terms.kl_t, mask_NxL"
   arrays = [*terms, mask_NxL]
-  _assert_rank(arrays, 2, names)
-  _assert_equal_shape(arrays, names)
+  checks.assert_rank(arrays, 2, names)
+  checks.assert_equal_shape(arrays, names)
   if (baseline_value is None) == (baseline in baselines.GIVEN_BASELINES):
     raise ValueError(
         f"baseline_value is required for baselines {baselines.GIVEN_BASELINES} "
@@ -406,9 +399,9 @@ def per_token_terms(logits_score_LxV: Array, logits_target_LxV: Array,
     DESIGN.md §5.3 (KL_t).
   """
   names = "logits_score_LxV, logits_target_LxV, tokens_L"
-  _assert_rank([logits_score_LxV, logits_target_LxV, tokens_L], [2, 2, 1],
+  checks.assert_rank([logits_score_LxV, logits_target_LxV, tokens_L], [2, 2, 1],
                names)
-  _assert_equal_shape([logits_score_LxV, logits_target_LxV], names)
+  checks.assert_equal_shape([logits_score_LxV, logits_target_LxV], names)
   chex.assert_equal_shape_prefix([logits_score_LxV, tokens_L], 1,
                                  custom_message=f"arguments: {names}",
                                  exception_type=ValueError)

@@ -24,19 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from latentdiv import baselines
+from latentdiv import checks
 from latentdiv import estimators
 
 Array = chex.Array
 
 
-def _assert_rank(arrays, rank, names: str) -> None:
-  chex.assert_rank(arrays, rank, custom_message=f"arguments: {names}",
-                   exception_type=ValueError)
-
-
-def _assert_equal_shape(arrays, names: str) -> None:
-  chex.assert_equal_shape(arrays, custom_message=f"arguments: {names}",
-                          exception_type=ValueError)
 
 
 def _baseline_t(estimator: str, baseline_t: Optional[Array],
@@ -123,8 +116,8 @@ def sequence_kl_surrogate(estimator: str, logp_score_t: Array, logp_target_t: Ar
   """
   estimators.check_variant(estimator)
   names = "logp_score_t, logp_target_t, kl_t, mask_t"
-  _assert_rank([logp_score_t, logp_target_t, kl_t, mask_t], 1, names)
-  _assert_equal_shape([logp_score_t, logp_target_t, kl_t, mask_t], names)
+  checks.assert_rank([logp_score_t, logp_target_t, kl_t, mask_t], 1, names)
+  checks.assert_equal_shape([logp_score_t, logp_target_t, kl_t, mask_t], names)
   terms = estimators.PerTokenTerms(logp_score_t, logp_target_t, kl_t)
   baseline_t = _baseline_t(estimator, baseline_t, mask_t)
   return -estimators.sequence_policy_gradient(estimator, terms, mask_t, baseline_t,
@@ -199,9 +192,9 @@ def opd_surrogate(estimator: str, student_logits_LxV: Array,
     DESIGN.md §6, §5.3.
   """
   names = "student_logits_LxV, teacher_logits_LxV, tokens_L"
-  _assert_rank([student_logits_LxV, teacher_logits_LxV, tokens_L], [2, 2, 1],
+  checks.assert_rank([student_logits_LxV, teacher_logits_LxV, tokens_L], [2, 2, 1],
                names)
-  _assert_equal_shape([student_logits_LxV, teacher_logits_LxV], names)
+  checks.assert_equal_shape([student_logits_LxV, teacher_logits_LxV], names)
   return -sequence_kl_surrogate_from_logits(
       estimator, student_logits_LxV,
       jax.lax.stop_gradient(teacher_logits_LxV), tokens_L, mask_t,
