@@ -38,8 +38,30 @@ class DiversityStepTest(parameterized.TestCase):
     chex.assert_tree_all_finite((state.params, metrics))
     self.assertGreater(float(metrics["seq_kl"]), 0.0)
 
-  def test_seq_pg_step_is_one_program_with_the_time_loop_inside(self):
-    config = tiny_config(weight=0.1, rollout_len=3)
+  @parameterized.parameters(
+      dict(reconstruction="annealed_em", estimator="rao_blackwell", baseline="ema"),
+      dict(reconstruction="relaxed_wta", estimator="kl_to_go_baseline", baseline="jsd"),
+  )
+  def test_mutual_information_step_with_a_remedy(self, reconstruction, **seq):
+    config = tiny_config(weight=0.5, rollout_len=3, kind="mi", **seq)
+    config.objective.reconstruction = reconstruction
+    config.objective.anneal_steps = 2
+    setup, objective = experiment.build(config)
+    state = train.init_state(setup, objective)
+    step = train.make_train_step(setup, objective)
+    for _ in range(3):
+      state, metrics = step(state)
+    self.assertEqual(step._cache_size(), 1)
+    chex.assert_tree_all_finite((state.params, metrics))
+    self.assertNotIn("seq_kl", metrics)
+    self.assertBetween(float(metrics["seq_mi"]), -1e-6, np.log(3) + 1e-6)
+    result = objective.make_evaluate()(state.params)
+    self.assertIn(int(result["dead_latents"]), range(4))
+    self.assertBetween(float(result["per_example_coverage"]), 0.0, 1.0)
+
+  @parameterized.parameters("kl", "mi")
+  def test_seq_pg_step_is_one_program_with_the_time_loop_inside(self, kind):
+    config = tiny_config(weight=0.1, rollout_len=3, kind=kind)
     setup, objective = experiment.build(config)
     state = train.init_state(setup, objective)
     hlo = train.make_train_step(setup, objective).lower(state).compile().as_text()
