@@ -178,7 +178,7 @@ def hf_case(size: str, length: int, batch: int, repeats: int, budget_s: float = 
       params=util.param_count(params),
       hf_params=int(sum(p.numel() for p in hf_model.parameters())),
       torch_threads=threads, cpu_count=os.cpu_count(), cpu=cpu_model(),
-      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), xla_flags=os.environ.get("XLA_FLAGS"),
       torch=torch.__version__, transformers=transformers.__version__,
       torch_blas=_torch_blas(torch), compile_s=compile_s,
       repeats=len(timings["sampler"]["times_s"]))
