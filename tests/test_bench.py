@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from experiments import bench  # noqa: E402
+from experiments import bench_hf  # noqa: E402
 from experiments import bench_rollouts  # noqa: E402
 from experiments import bench_steps  # noqa: E402
 from experiments import bench_util  # noqa: E402
@@ -139,6 +141,10 @@ class ScaleCasesTest(absltest.TestCase):
                       ("medium", bench.TRAIN_BATCH["medium"])})
     self.assertEqual(full["lengths"], [("rollout", "small", bench.LONG_LENGTHS),
                                        ("seq_step", "small", bench.LONG_LENGTHS)])
+    # The Hugging Face cases: in the full run only (an optional extra), B·K as the rollouts'.
+    self.assertEqual(full["hf"], [("small", 32, 32), ("medium", 32, 32), ("large", 32, 16)])
+    for mode in ("quick", "smoke", "lengths"):
+      self.assertEqual(bench.plan(mode, ["small"])["hf"], [], mode)
     quick = bench.plan("quick", ["small"])
     self.assertEqual({(c, v, k, timed) for c, _, _, _, v, k, timed in quick["vocab"]},
                      {("seq", bench.HEADLINE_V, 4, False), ("seq", bench.HEADLINE_V, 8, False)})
@@ -231,6 +237,17 @@ class ScaleCasesTest(absltest.TestCase):
                     "## Against Hugging Face `generate`"):
       self.assertIn(heading, table)
     self.assertIn("| large | skipped: No module named 'torch' |", table)
+
+
+class HfCaseTest(absltest.TestCase):
+  """Only the skip path: generate itself is never timed in the test suite."""
+
+  def test_missing_torch_is_a_skipped_record_with_the_reason(self):
+    with mock.patch.object(bench_hf, "available", return_value="No module named 'torch'"):
+      record = bench_hf.hf_case("tiny", 8, 2, repeats=1)
+    self.assertEqual(record, dict(kind="hf", size="tiny", B=2, L=8, P=8,
+                                  skipped="No module named 'torch'"))
+    self.assertIsNone(bench.hf_figures([record])["sampler_over_hf_generate_small"])
 
 
 class MainSmokeTest(absltest.TestCase):
