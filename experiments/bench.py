@@ -222,6 +222,7 @@ def markdown(records: list[dict], headline: dict, meta: dict) -> str:
           f"{_fmt(ratio)} | {_mib(r['peak_memory_bytes'])} | {r['compile_s']:.1f} |")
   lines += _scaling_table(records)
   lines += _new_tables(records)
+  lines += _hf_table(records)
   return "\n".join(lines) + "\n"
 
 
@@ -275,6 +276,12 @@ def _new_tables(records: list[dict]) -> list[str]:
       lines.append(f"| {r['program']} | {r['size']} | {r['B']} | {r['K']} | {r['L']} | "
                    f"{r['M']} | {r['median_s'] * 1e3:.0f} | {r['per_token_s'] * 1e6:.2f} | "
                    f"{_fmt(ratio)} | {_mib(r.get('peak_memory_bytes'))} |")
+  return lines
+
+
+def _hf_table(records: list[dict]) -> list[str]:
+  """The table of the Hugging Face cases (where run)."""
+  lines = []
   hfs = [r for r in records if r.get("kind") == "hf"]
   if hfs:
     lines += ["", "## Against Hugging Face `generate`", "",
