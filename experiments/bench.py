@@ -23,10 +23,11 @@ What is measured (model sizes in ``SIZES``; B, K, L in every record):
   peak fraction divides its achieved FLOP/s (from its MEDIAN time) by the
   larger of the two: a conservative fraction on a shared machine.
 * **rollouts** (``experiments/bench_rollouts.py``) of L tokens for B prompts
-  (length P) under each of K latents by four decoders on the same model,
+  (length P) under each of K latents by five decoders on the same model,
   parameters, prompts and PRNG keys (they draw the same tokens; each record
-  checks it): ``sampler`` (the library's ``sampling.sample_latents``, one
-  ``lax.scan``), ``python_loop`` (a Python loop over a jitted cached decode
+  checks it): ``sampler`` (the library's ``sampling.sample_latents``, a
+  ``lax.scan`` per cache length), ``full_cache`` (one scan, a cache of the
+  model's whole length), ``python_loop`` (a Python loop over a jitted cached decode
   step), ``python_loop_donated`` (the same with the cache donated) and
   ``no_cache`` (a scan recomputing the whole prefix at every step). Tokens/s
   counts the B·K·L generated tokens.
@@ -55,13 +56,17 @@ What is measured (model sizes in ``SIZES``; B, K, L in every record):
   (sampler + scoring), small (headline) and medium at V = 32, and at
   V = 32768 in the vocabulary cases.
 * **growth with length** (``--lengths``, and in the full run; kind 'length'):
-  the sampler (prompt of fixed length 8, B = 32) and the seq step (P = L/2,
-  B = 8) at L ∈ {32, 128, 512} on the small model, time per generated token;
-  and the sampler at L = 8 and 32 in each of those caches
-  (``rollout_in_cache``): at a fixed cache length M the slope in L is the
-  cost of one decode step, which attends over all M preallocated positions
-  (``decode_step_m521_over_m41``, ``rollout_bounded_attention_saving_l512``).
+  the sampler and the full-cache decoder (prompt of fixed length 8, B = 32)
+  and the seq step (P = L/2, B = 8) at L ∈ {32, 128, 512} on the small model,
+  time per generated token. The full-cache decoder attends over all
+  P + 1 + L preallocated positions at every step; the sampler lengthens its
+  cache in chunks (``sampling.cache_schedule``):
+  ``sampler_over_full_cache_l512`` is the time the bounded cache saves.
   Each family is timed interleaved.
+* **against Hugging Face** (``--parts hf``, optional: needs the ``bench-hf``
+  extra, ``experiments/bench_hf.py``): the sampler against ``transformers``'
+  ``generate`` on a GPT-2 of the same shape, PyTorch on the CPU, per size
+  (``sampler_over_hf_generate``).
 
 How FLOPs are counted:
 
@@ -76,8 +81,10 @@ How FLOPs are counted:
   attention einsum the program executes (``forward_flops``): per position
   and layer 2·(4d² + 2·d·d_ff) for the projections and MLP, 4·d·(keys
   attended) for QKᵀ and AV, plus 2·d·V for the unembedding; a backward pass
-  counts twice its forward. Cached decode steps attend over the whole
-  preallocated cache (length M = P + 1 + L), as the program does.
+  counts twice its forward. Cached decode steps attend over the cache they
+  are given, as the program does: the sampler's chunk's length
+  (``sampling.cache_schedule``), the other decoders' M = P + 1 + L. A
+  teacher-forced pass unembeds its T target positions only.
 * Peak fractions use ``flops_xla`` for loop-free programs (cross-checked
   against ``flops_analytic``; both are printed) and ``flops_analytic``
   otherwise.
@@ -114,6 +121,7 @@ if _ROOT_DIR not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import bench_hf  # noqa: E402
 from experiments import bench_rollouts  # noqa: E402
 from experiments import bench_steps  # noqa: E402
 from experiments import bench_util as util  # noqa: E402
@@ -214,6 +222,7 @@ def markdown(records: list[dict], headline: dict, meta: dict) -> str:
           f"{_fmt(ratio)} | {_mib(r['peak_memory_bytes'])} | {r['compile_s']:.1f} |")
   lines += _scaling_table(records)
   lines += _new_tables(records)
+  lines += _hf_table(records)
   return "\n".join(lines) + "\n"
 
 
@@ -254,27 +263,46 @@ def _new_tables(records: list[dict]) -> list[str]:
   if grows:
     lines += ["", "## Growth with length (L = 32, 128, 512)", "",
               "Per-token time = median / (B·K·L); ×shortest: over the same program's at "
-              "the shortest L. Rollouts: prompt P = 8 whatever L, cache M = P + 1 + L; "
-              "`rollout_in_cache`: a short rollout in a longer cache (for the decode-step "
-              "cost per M, below). seq_step: P = L/2 (the task's shortest prompt for "
-              "T = L).", "",
+              "the shortest L. Rollouts: prompt P = 8 whatever L; `rollout` is the "
+              "sampler (cache lengthened in chunks), `rollout_full_cache` the decoder "
+              "attending over all M = P + 1 + L positions at every step. seq_step: "
+              "P = L/2 (the task's shortest prompt for T = L).", "",
               "| program | size | B | K | L | M | ms | µs / token | ×shortest | memory MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in grows:
-      program = "rollout" if r["program"] == "rollout_in_cache" else r["program"]
-      same = [q for q in grows if q["program"] == program]
-      first = min(same, key=lambda q: q["L"]) if same else None
-      ratio = r["per_token_s"] / first["per_token_s"] if first else None
+      same = [q for q in grows if q["program"] == r["program"]]
+      first = min(same, key=lambda q: q["L"])
+      ratio = r["per_token_s"] / first["per_token_s"]
       lines.append(f"| {r['program']} | {r['size']} | {r['B']} | {r['K']} | {r['L']} | "
                    f"{r['M']} | {r['median_s'] * 1e3:.0f} | {r['per_token_s'] * 1e6:.2f} | "
                    f"{_fmt(ratio)} | {_mib(r.get('peak_memory_bytes'))} |")
-    costs = decode_step_costs(records)
-    if costs:
-      first = costs[min(costs)]
-      lines += ["", "Cost of one decode step (B·K rows) against the cache length M it "
-                "attends over (the slope of the sampler's time in L at that M):", "",
-                "| M | ms per step | × shortest M |", "|---|---|---|"]
-      lines += [f"| {m} | {c * 1e3:.2f} | {_fmt(c / first)} |" for m, c in sorted(costs.items())]
+  return lines
+
+
+def _hf_table(records: list[dict]) -> list[str]:
+  """The table of the Hugging Face cases (where run)."""
+  lines = []
+  hfs = [r for r in records if r.get("kind") == "hf"]
+  if hfs:
+    lines += ["", "## Against Hugging Face `generate`", "",
+              "The sampler and `transformers` `generate` (GPT-2 of the same shape, PyTorch "
+              "CPU, ancestral sampling at temperature 1, KV cache, fixed length) timed "
+              "interleaved; ratio = generate's time / the sampler's (medians; fastest "
+              "calls in parentheses). Matmul rows: a `[B·K, d] @ [d, d_ff]` product in "
+              "each framework, timed beside them.", "",
+              "| size | B·K | P | L | sampler ms | generate ms | sampler over generate | "
+              "XLA matmul GFLOP/s | torch matmul GFLOP/s | torch threads |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in hfs:
+      if "skipped" in r:
+        lines.append(f"| {r['size']} | skipped: {r['skipped']} | | | | | | | | |")
+        continue
+      lines.append(f"| {r['size']} | {r['rows']} | {r['P']} | {r['L']} | "
+                   f"{r['sampler_s'] * 1e3:.0f} | {r['hf_generate_s'] * 1e3:.0f} | "
+                   f"{_fmt(r['sampler_over_hf_generate'])} "
+                   f"({_fmt(r['sampler_over_hf_generate_min'])}) | "
+                   f"{_fmt(r['xla_matmul_gflops'])} | {_fmt(r['torch_matmul_gflops'])} | "
+                   f"{r['torch_threads']} |")
   return lines
 
 
@@ -325,7 +353,7 @@ def _load():
 
 
 MODES = ("full", "quick", "smoke", "lengths")
-PARTS = ("rollouts", "trains", "lower_bounds", "vocab", "lengths")  # The case lists of a plan.
+PARTS = ("rollouts", "trains", "lower_bounds", "vocab", "lengths", "hf")  # The case lists of a plan.
 
 
 def vocab_plan(size: str = "small", length: int = VOCAB_L, batch: int = VOCAB_BATCH) -> list:
@@ -350,6 +378,15 @@ def lengths_plan(size: str = "small", lengths=LONG_LENGTHS) -> list:
   return [("rollout", size, tuple(lengths)), ("seq_step", size, tuple(lengths))]
 
 
+def hf_plan(sizes) -> list:
+  """The Hugging Face cases (size, L, B) of the full run: B = ``ROLLOUT_BATCH``, L = 32.
+
+  Run only where PyTorch and ``transformers`` import (the optional
+  ``bench-hf`` extra); elsewhere ``bench_hf.hf_case`` records why not.
+  """
+  return [(size, DEFAULT_L, ROLLOUT_BATCH[size]) for size in sizes]
+
+
 def length_records(program: str, size: str, lengths, repeats: int, peak_gflops: float,
                    budget_s: float, reference: util.MatmulReference | None = None) -> list:
   """The records of one ``lengths_plan`` entry."""
@@ -371,12 +408,13 @@ def plan(mode: str, sizes: list[str]) -> dict:
   headline rollout ratios, the teacher-forced and one seq_pg step, growth
   over L = 8, 16, 32, the sequence step over its lower bound, and the seq
   step's memory at K = 4 and 8, V = 32768 (compiled, not run); < 2 min on 2
-  idle cores), 'lengths' (growth with L ∈ {32, 128, 512} only) or
+  idle cores; the Hugging Face cases are in 'full' only, ``hf_plan``),
+  'lengths' (growth with L ∈ {32, 128, 512} only) or
   'smoke' (a 1-layer d=32 model, the rollout cases of the headline, one
   train step, the rec step's memory at K = 4 and 8 and the rollout length
   family at L = 16, 32: for tests).
   """
-  empty = dict(lower_bounds=[], vocab=[], lengths=[])
+  empty = dict(lower_bounds=[], vocab=[], lengths=[], hf=[])
   if mode == "smoke":
     return dict(empty, repeats=1, budget_s=1.0, matmul_sizes=(128,),
                 rollouts=[("tiny", 32, bench_rollouts.ROLLOUT_METHODS),
@@ -402,7 +440,7 @@ def plan(mode: str, sizes: list[str]) -> dict:
         lower_bounds=[("small", DEFAULT_L, TRAIN_BATCH["small"])],
         vocab=[("seq", "small", VOCAB_L, VOCAB_BATCH, HEADLINE_V, k, False)
                for k in VOCAB_LATENTS],
-        lengths=[])
+        lengths=[], hf=[])
   if mode != "full":
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
   rollouts, trains = [], []
@@ -424,7 +462,7 @@ def plan(mode: str, sizes: list[str]) -> dict:
   lower_bounds = [(size, DEFAULT_L, TRAIN_BATCH[size]) for size in sizes
                   if size in ("small", "medium")]
   return dict(repeats=5, budget_s=10.0, matmul_sizes=util.MATMUL_SIZES, rollouts=rollouts,
-              trains=trains, lower_bounds=lower_bounds,
+              trains=trains, lower_bounds=lower_bounds, hf=hf_plan(sizes),
               vocab=vocab_plan() if "small" in sizes else [],
               lengths=lengths_plan() if "small" in sizes else [])
 
@@ -463,7 +501,9 @@ def headline_figures(records: list[dict], peak: dict) -> dict:
   ``sampler_over_no_cache`` (L = 64) on the small model (the smallest size
   run); ``rollout_peak_fraction`` (the sampler at L = 32) and
   ``train_step_peak_fraction`` (the teacher-forced 'rec+jsd' step at L = 32)
-  of the largest size run; None where not run.
+  of the largest size run; ``sampler_over_full_cache`` (L = 32, small);
+  ``sampler_over_hf_generate_<size>`` (and ``_min_<size>``) per size of the
+  Hugging Face cases; None where not run.
   """
   run = [s for s in util.SIZES if _find(records, kind="rollout", size=s)]
   ratio_size = "small" if "small" in run else (run[0] if run else None)
@@ -533,8 +573,21 @@ def headline_figures(records: list[dict], peak: dict) -> dict:
       seq_step_v32768_s=None if seq_v is None else seq_v["median_s"],
       seq_step_v32768_memory_bytes=None if seq_v is None else seq_v["peak_memory_bytes"],
       **length_figures(records),
+      sampler_over_full_cache=speedup(32, "full_cache"),
+      **hf_figures(records),
       device=str(jax.devices()[0].device_kind),
   )
+
+
+def hf_figures(records: list[dict]) -> dict:
+  """``sampler_over_hf_generate_<size>`` and ``..._min_<size>`` of each bench size (None if not run)."""
+  out = {}
+  for size in BENCH_SIZES:
+    r = _find(records, kind="hf", size=size)
+    out[f"sampler_over_hf_generate_{size}"] = None if r is None else r["sampler_over_hf_generate"]
+    out[f"sampler_over_hf_generate_min_{size}"] = (
+        None if r is None else r["sampler_over_hf_generate_min"])
+  return out
 
 
 def memory_ratio(records: list[dict], case: str):
@@ -554,68 +607,51 @@ def memory_ratio(records: list[dict], case: str):
   return pairs[v][8] / pairs[v][4], pairs[v][4], pairs[v][8], v
 
 
-def decode_step_costs(records: list[dict]) -> dict[int, float]:
-  """{M: seconds per decode step of the B·K rows} from the rollouts timed in a cache of length M.
-
-  At a fixed M the sampler's time is (fixed cost) + L · (step cost): the
-  slope between the shortest and the longest L run in that cache.
-  """
-  by_m: dict[int, dict[int, float]] = {}
-  for r in records:
-    if r.get("kind") == "length" and r["program"] in ("rollout", "rollout_in_cache"):
-      by_m.setdefault(r["M"], {})[r["L"]] = r["median_s"]
-  costs = {}
-  for m, by_l in by_m.items():
-    if len(by_l) > 1:
-      lo, hi = min(by_l), max(by_l)
-      costs[m] = (by_l[hi] - by_l[lo]) / (hi - lo)
-  return costs
-
-
 def length_figures(records: list[dict]) -> dict:
   """Headline figures of the growth-with-length cases (Nones where not run).
 
-  ``rollout_per_token_l512_over_l32`` / ``seq_step_per_token_l512_over_l32``:
-  time per generated token at the longest L over that at the shortest.
-  ``decode_step_m521_over_m41``: the cost of one decode step in the longest
-  rollout's cache (M = 8 + 1 + 512) over that in the shortest's (M = 41),
-  from ``decode_step_costs``: what attending over the whole preallocated
-  cache costs. ``rollout_bounded_attention_saving_l512``: the fraction of the
-  longest rollout's time a decoder attending only to the filled prefix would
-  save: step t attends over P + 1 + t keys, priced by interpolating the
-  measured step costs linearly in M, against the full cache's cost at every
-  step (the fixed cost of writing the fresh cache is kept).
+  ``rollout_per_token_l512_over_l32`` / ``full_cache_per_token_l512_over_l32``
+  / ``seq_step_per_token_l512_over_l32``: time per generated token at the
+  longest L over that at the shortest, of the sampler, the full-cache
+  decoder and the seq step. ``sampler_over_full_cache_l512`` (and ``_l32``):
+  the full-cache decoder's time over the sampler's at the longest (shortest)
+  L, the two timed interleaved.
   """
   def get(program, length):
     cands = [r for r in records if r.get("kind") == "length" and r["program"] == program
              and r["L"] == length]
     return cands[0] if cands else None
 
-  out = dict(rollout_per_token_l512_over_l32=None, seq_step_per_token_l512_over_l32=None,
-             decode_step_m521_over_m41=None, rollout_bounded_attention_saving_l512=None)
+  out = dict(rollout_per_token_l512_over_l32=None, full_cache_per_token_l512_over_l32=None,
+             seq_step_per_token_l512_over_l32=None, sampler_over_full_cache_l512=None,
+             sampler_over_full_cache_l32=None)
   lengths = sorted({r["L"] for r in records if r.get("kind") == "length"
                     and r["program"] == "rollout"})
-  if len(lengths) < 2:
+  if not lengths:
     return out
   lo, hi = lengths[0], lengths[-1]
-  ratio = lambda a, b: None if a is None or b is None else (  # noqa: E731
-      a["per_token_s"] / b["per_token_s"])
-  out["rollout_per_token_l512_over_l32"] = ratio(get("rollout", hi), get("rollout", lo))
-  out["seq_step_per_token_l512_over_l32"] = ratio(get("seq_step", hi), get("seq_step", lo))
-  costs = decode_step_costs(records)
-  longest, shortest = get("rollout", hi), get("rollout", lo)
-  if longest["M"] in costs and shortest["M"] in costs and len(costs) > 1:
-    out["decode_step_m521_over_m41"] = costs[longest["M"]] / costs[shortest["M"]]
-    ms = sorted(costs)
-    bounded = sum(float(np.interp(longest["P"] + 1 + t, ms, [costs[m] for m in ms]))
-                  for t in range(longest["L"]))
-    full = longest["L"] * costs[longest["M"]]
-    out["rollout_bounded_attention_saving_l512"] = (full - bounded) / longest["median_s"]
+
+  def ratio(a, b, key="per_token_s"):
+    return None if a is None or b is None else a[key] / b[key]
+
+  if hi != lo:
+    out["rollout_per_token_l512_over_l32"] = ratio(get("rollout", hi), get("rollout", lo))
+    out["full_cache_per_token_l512_over_l32"] = ratio(get("rollout_full_cache", hi),
+                                                      get("rollout_full_cache", lo))
+    out["seq_step_per_token_l512_over_l32"] = ratio(get("seq_step", hi), get("seq_step", lo))
+  out["sampler_over_full_cache_l512"] = ratio(get("rollout_full_cache", hi), get("rollout", hi),
+                                              "median_s")
+  out["sampler_over_full_cache_l32"] = ratio(get("rollout_full_cache", lo), get("rollout", lo),
+                                             "median_s")
   return out
 
 
 def main(argv=None) -> dict:
   """Runs the benchmark; prints one JSON line per case, then the headline line."""
+  # PyTorch (the Hugging Face cases only) loads later: its OpenMP threads then
+  # sleep rather than spin while they wait, which keeps it from collapsing
+  # on a machine whose cores other processes share. XLA does not use OpenMP.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="reduced set, < 2 min on 2 cores")
   parser.add_argument("--smoke", action="store_true",
@@ -658,7 +694,8 @@ def _run(args) -> dict:
   repeats = args.repeats or todo["repeats"]
   util.RECORDS.clear()
   meta = dict(device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
-              host=f"{platform.node()} ({os.cpu_count()} CPUs)", jax=jax.__version__,
+              host=f"{platform.node()} ({os.cpu_count()} CPUs: {bench_hf.cpu_model()})",
+              jax=jax.__version__,
               mode=mode, load_start=_load())
   util.emit(dict(kind="meta", **meta))
   start = time.perf_counter()
@@ -682,6 +719,8 @@ def _run(args) -> dict:
   for case, size, length, batch, v, k, timed in todo["vocab"]:
     util.emit(bench_steps.vocab_case(case, size, length, batch, v, k, timed,
                                      repeats=min(repeats, 3), budget_s=todo["budget_s"]))
+  for size, length, batch in todo["hf"]:
+    util.emit(bench_hf.hf_case(size, length, batch, repeats, todo["budget_s"]))
   for program, size, lengths in todo["lengths"]:
     for record in length_records(program, size, lengths, repeats, peak["gflops"],
                                  todo["budget_s"], reference):

@@ -1,11 +1,16 @@
-"""Rollout benchmark cases: the library sampler against three other decoders of the same model.
+"""Rollout benchmark cases: the library sampler against four other decoders of the same model.
 
 Rollouts of L tokens for B prompts (length P) under each of K latents, on the
 same model, parameters, prompts and PRNG keys (the decoders draw the same
 tokens, which each record checks: ``tokens_agree``, ``logp_max_diff``):
 
 * ``sampler`` — the library's ``sampling.sample_latents`` under ``jax.jit``
-  (one ``lax.scan`` over L, vmapped over K, KV cache);
+  (``lax.scan`` over L, vmapped over K, KV cache lengthened in chunks by
+  ``sampling.cache_schedule``);
+* ``full_cache`` — the sampler's earlier design: one ``lax.scan`` of L cached
+  decode steps (the last one's output unused) in a cache preallocated to the
+  model's whole length M = P + 1 + L, every step attending over all M
+  positions (the same decode step as ``python_loop``, scanned);
 * ``python_loop`` — a jitted prefill, then a Python ``for`` loop calling a
   jitted single decode step (the same cached ``model.decode_step`` and the
   same sampling arithmetic, vmapped over K) once per token, dispatched
@@ -34,7 +39,7 @@ from latentdiv import model as model_lib
 from latentdiv import sampling
 from latentdiv import vocab
 
-ROLLOUT_METHODS = ("sampler", "python_loop", "python_loop_donated", "no_cache")
+ROLLOUT_METHODS = ("sampler", "full_cache", "python_loop", "python_loop_donated", "no_cache")
 ROLLOUT_PROMPT_LEN = 8  # P of the rollout cases.
 
 
@@ -75,9 +80,11 @@ def make_prompts(batch: int, prompt_len: int, seed: int = 1,
 def rollout_flops(cfg: model_lib.ModelConfig, rows: int, prompt_len: int, length: int,
                   method: str) -> float:
   """Analytic FLOPs of ``rows`` rollouts of ``length`` tokens by ``method``."""
-  if method in ("sampler", "python_loop", "python_loop_donated"):
-    # Prefill of [x, BOS] then one cached step per token (the sampler runs L
-    # steps; the last one's output is unused but computed).
+  if method == "sampler":
+    per_row = util.sampler_rollout_flops(cfg, prompt_len, length)
+  elif method in ("full_cache", "python_loop", "python_loop_donated"):
+    # Prefill of [x, BOS] then one cached step per token over the whole
+    # cache (the last one's output is unused but computed).
     per_row = util.cached_rollout_flops(cfg, prompt_len, length)
   elif method == "no_cache":
     per_row = length * util.forward_flops(cfg, cfg.max_len, cfg.max_len)
@@ -139,6 +146,28 @@ _loop_step = jax.jit(_loop_step_fn, static_argnames=("model", "prompt_len"))
 # donated: the cache is then updated in place, as in the scan.
 _loop_step_donated = jax.jit(_loop_step_fn, static_argnames=("model", "prompt_len"),
                              donate_argnames=("logits_KxBxV", "cache", "done_KxB"))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length"))
+def full_cache_rollout(model, params, prompt_BxP, key, length):
+  """One scan of L decode steps in a cache of the model's whole length: Rollout [B, K, L].
+
+  The library sampler's earlier design (the python loop's step, scanned):
+  every step attends over all ``max_len`` preallocated positions, and the
+  last step runs although its output is unused.
+  """
+  prompt_len = prompt_BxP.shape[1]
+  logits, cache, done, latents, keys = _loop_prefill(model, params, prompt_BxP, key)
+
+  def step(carry, t):
+    logits, cache, done = carry
+    logits, cache, done, token, logp, valid = _loop_step_fn(
+        model, params, prompt_len, logits, cache, done, latents, keys, t)
+    return (logits, cache, done), (token, logp, valid)
+
+  _, outs = jax.lax.scan(step, (logits, cache, done), jnp.arange(length))
+  to_bkl = lambda a: jnp.transpose(a, (2, 1, 0))  # noqa: E731  [L, K, B] -> [B, K, L]
+  return sampling.Rollout(*map(to_bkl, outs))
 
 
 def python_loop_rollout(model, params, prompt_BxP, key, length, donate: bool = False):
@@ -239,7 +268,8 @@ def rollout_case(size: str, length: int, batch: int, repeats: int, peak_gflops: 
       runs[method] = functools.partial(python_loop_rollout, model, params, prompt, key, length,
                                        donate)
     else:
-      fn = sampler_rollout if method == "sampler" else no_cache_rollout
+      fn = dict(sampler=sampler_rollout, full_cache=full_cache_rollout,
+                no_cache=no_cache_rollout)[method]
       compiled, compile_s = util.compile_fn(fn, model, params, prompt, key, length)
       info[method] = dict(compile_s=compile_s,
                           peak_memory_bytes=util.peak_memory_bytes(compiled),
@@ -273,55 +303,53 @@ def rollout_case(size: str, length: int, batch: int, repeats: int, peak_gflops: 
 
 def rollout_length_case(size: str, lengths, batch: int, repeats: int, peak_gflops: float,
                         prompt_len: int = ROLLOUT_PROMPT_LEN, budget_s: float = 20.0,
-                        reference: util.MatmulReference | None = None,
-                        short_len: int = 8) -> list[dict]:
-  """The sampler at each L in ``lengths``, and its decode-step cost at each cache length, interleaved.
+                        reference: util.MatmulReference | None = None) -> list[dict]:
+  """The sampler and the full-cache decoder at each L in ``lengths``, all timed interleaved.
 
   One model size, B prompts of ``prompt_len`` tokens (the same at every L),
-  K latents. Programs:
+  K latents, a model of length M = P + 1 + L. Programs, for each L:
 
-  * 'rollout' — L tokens in a cache of M = P + 1 + L, for each L;
-  * 'rollout_in_cache' — ``short_len`` and ``min(lengths)`` tokens (those
-    shorter than the cache's L) in each of those caches: at a fixed M, the slope of
-    the time in L is the cost of one decode step at that cache length (the
-    attention reads all M preallocated positions), and the intercept the
-    rollout's fixed cost (prefill, writing the fresh cache).
+  * 'rollout' — the library sampler (its cache lengthened in chunks,
+    ``sampling.cache_schedule``);
+  * 'rollout_full_cache' — ``full_cache_rollout``: every decode step attends
+    over all M preallocated positions (the sampler's earlier design).
 
   All the programs are compiled first and then timed round-robin
   (``time_calls``), so they see the same background load.
 
   Returns:
     One record per program (kind 'length'), with ``per_token_s`` = median /
-    (B·K·L).
+    (B·K·L) and ``tokens_agree`` (the full-cache decoder against the sampler
+    at the same L: the same keys draw the same tokens up to rounding).
   """
   lengths = sorted(lengths)
-  programs = [("rollout", n, prompt_len + 1 + n) for n in lengths]
-  for n in lengths:
-    for short in sorted({short_len, lengths[0]}):
-      if short < n:
-        programs.append(("rollout_in_cache", short, prompt_len + 1 + n))
+  fns = dict(rollout=(sampler_rollout, "sampler"),
+             rollout_full_cache=(full_cache_rollout, "full_cache"))
   runs, info = {}, {}
-  for program, length, max_len in programs:
-    name = f"{program}/L={length}/M={max_len}"
-    model, params = make_model(size, prompt_len, length, max_len=max_len)
+  for length in lengths:
+    model, params = make_model(size, prompt_len, length)
     prompt = make_prompts(batch, prompt_len, vocab_size=model.config.vocab_size)
-    compiled, compile_s = util.compile_fn(sampler_rollout, model, params, prompt,
-                                          jax.random.PRNGKey(2), length)
-    runs[name] = functools.partial(compiled, params, prompt, jax.random.PRNGKey(2))
-    info[name] = dict(program=program, L=length, cfg=model.config, compile_s=compile_s,
-                      peak_memory_bytes=util.peak_memory_bytes(compiled))
+    for program, (fn, method) in fns.items():
+      name = f"{program}/L={length}"
+      compiled, compile_s = util.compile_fn(fn, model, params, prompt, jax.random.PRNGKey(2),
+                                            length)
+      runs[name] = functools.partial(compiled, params, prompt, jax.random.PRNGKey(2))
+      info[name] = dict(program=program, method=method, L=length, cfg=model.config,
+                        compile_s=compile_s, peak_memory_bytes=util.peak_memory_bytes(compiled))
   timings = util.time_with_reference(runs, repeats, budget_s, reference)
   records = []
   for name, i in info.items():
     cfg, t = i["cfg"], timings[name]
     rows = batch * cfg.num_latents
-    flops = rollout_flops(cfg, rows, prompt_len, i["L"], "sampler")
+    flops = rollout_flops(cfg, rows, prompt_len, i["L"], i["method"])
     gflops = flops / t["median_s"] / 1e9
+    sampler_tokens = timings[f"rollout/L={i['L']}"]["output"].tokens
     records.append(dict(
         kind="length", program=i["program"], size=size, B=batch, K=cfg.num_latents, L=i["L"],
         P=prompt_len, M=cfg.max_len, median_s=t["median_s"], min_s=t["min_s"],
         repeats=len(t["times_s"]), per_token_s=t["median_s"] / (rows * i["L"]),
         flops_analytic=flops, gflops=gflops,
         **util.peak_fraction(gflops, peak_gflops, timings, reference),
-        peak_memory_bytes=i["peak_memory_bytes"], compile_s=i["compile_s"]))
+        peak_memory_bytes=i["peak_memory_bytes"], compile_s=i["compile_s"],
+        tokens_agree=float(jnp.mean(t["output"].tokens == sampler_tokens))))
   return records

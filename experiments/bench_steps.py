@@ -121,7 +121,7 @@ def train_step_flops(setup: train.Setup) -> float:
   cfg = setup.model.config
   k, b = cfg.num_latents, c.train.batch_size
   p, t = setup.task.prompt_len, setup.task.target_len
-  seq = util.forward_flops(cfg, p + t, p + t)
+  seq = util.forward_flops(cfg, p + t, p + t, t)
   sequences = b * k
   if c.objective.targets == "raml":
     sequences += b * k * c.objective.raml.num_samples
@@ -129,8 +129,8 @@ def train_step_flops(setup: train.Setup) -> float:
   if c.objective.sequence_term.weight > 0:
     rows = b * c.objective.sequence_term.num_rollouts * k
     length = c.objective.sequence_term.rollout_len
-    total += rows * util.cached_rollout_flops(cfg, p, length)
-    total += 3 * rows * k * util.forward_flops(cfg, p + length, p + length)
+    total += rows * util.sampler_rollout_flops(cfg, p, length)
+    total += 3 * rows * k * util.forward_flops(cfg, p + length, p + length, length)
   return float(total)
 
 
@@ -139,9 +139,9 @@ def opd_flops(setup: train.Setup, objective) -> float:
   s, t = setup.model.config, objective.teacher.config
   rows = setup.config.train.batch_size * s.num_latents * setup.config.objective.num_rollouts
   p, length = setup.task.prompt_len, objective.response_len
-  rollout = util.cached_rollout_flops(s, p, length)
-  score = (3 * util.forward_flops(s, p + length, p + length)
-           + util.forward_flops(t, p + length, p + length))
+  rollout = util.sampler_rollout_flops(s, p, length)
+  score = (3 * util.forward_flops(s, p + length, p + length, length)
+           + util.forward_flops(t, p + length, p + length, length))
   return float(rows * (rollout + score))
 
 
@@ -276,22 +276,25 @@ def scoring_fn(setup: train.Setup):
   return jax.jit(scoring)
 
 
-def decode_bytes_per_step(cfg: model_lib.ModelConfig, params, rows: int) -> dict:
+def decode_bytes_per_step(cfg: model_lib.ModelConfig, params, rows: int,
+                          cache_len: int | None = None) -> dict:
   """Bytes a cached decode step of ``rows`` rows reads at least: the parameters and the KV cache.
 
   Every weight matrix (the unembedding included) is read whole; the three
   embedding tables (token, position, latent) are gathered, one d_model row of
   each per row. Parameters are float32 (cast to the compute dtype inside the
-  step). The cache is read whole (the attention reads all M =
-  ``cfg.max_len`` preallocated positions): 2 (keys, values) · layers · rows ·
-  M · d_model elements of the compute dtype.
+  step). The cache: ``cache_len`` positions (default ``cfg.max_len``) of keys
+  and values, 2 · layers · rows · cache_len · d_model elements of the
+  compute dtype. (A rollout of L tokens after a prompt of P needs at least
+  the filled prefix, P + 1 + L/2 positions at its middle step, on average.)
   """
+  cache_len = cfg.max_len if cache_len is None else cache_len
   tables = ("token_embed", "position_embed", "latent_embed")
   param_bytes = sum(a.size * a.dtype.itemsize for name, sub in params.items()
                     if name not in tables for a in jax.tree_util.tree_leaves(sub))
   param_bytes += sum(rows * params[name]["embedding"].shape[-1]
                      * params[name]["embedding"].dtype.itemsize for name in tables)
-  cache_bytes = (2 * cfg.num_layers * rows * cfg.max_len * cfg.d_model
+  cache_bytes = (2 * cfg.num_layers * rows * cache_len * cfg.d_model
                  * jnp.dtype(cfg.dtype).itemsize)
   return dict(param_bytes=int(param_bytes), cache_bytes=int(cache_bytes),
               bytes_per_decode_step=int(param_bytes + cache_bytes))
@@ -347,7 +350,8 @@ def lower_bound_case(size: str, length: int, batch: int, repeats: int, budget_s:
       repeats=len(timings["step"]["times_s"]),
       seq_step_over_lower_bound=med["step"] / (med["sampler"] + med["scoring"]),
       sampler_tokens_per_s=rows * length / med["sampler"],
-      **decode_bytes_per_step(cfg, state.params, rows),
+      **decode_bytes_per_step(cfg, state.params, rows,
+                              setup.task.prompt_len + 1 + length // 2),
       peak_memory_bytes=util.peak_memory_bytes(step_c),
       sampler_peak_memory_bytes=util.peak_memory_bytes(sampler_c),
       scoring_peak_memory_bytes=util.peak_memory_bytes(scoring_c),

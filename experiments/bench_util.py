@@ -9,7 +9,8 @@ Used by ``experiments/bench_rollouts.py`` and ``experiments/bench_steps.py``;
   optimisation off, for programs whose memory analysis is read but which are
   never run (buffer assignment does not depend on it);
 * ``xla_flops`` / ``peak_memory_bytes`` — XLA's cost and memory analyses;
-* ``forward_flops`` — the analytic matmul FLOPs of one forward;
+* ``forward_flops`` — the analytic matmul FLOPs of one forward (and of a
+  rollout: ``sampler_rollout_flops``, ``cached_rollout_flops``);
 * ``matmul_peak`` / ``peak_fraction`` — the dense matmul peak (float32 or
   bfloat16) and a case's fraction of it;
 * ``copy_bandwidth`` — the device's memory bandwidth, from a jitted
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiv import model as model_lib
+from latentdiv import sampling
 
 # Model sizes (DESIGN.md §10): layers, width, heads, MLP width.
 SIZES = {
@@ -176,24 +178,45 @@ def peak_memory_bytes(compiled) -> int | None:
 # ---------------------------------------------------------------- FLOPs
 
 
-def forward_flops(cfg: model_lib.ModelConfig, num_query: int, num_keys: int) -> float:
+def forward_flops(cfg: model_lib.ModelConfig, num_query: int, num_keys: int,
+                  num_logits: int | None = None) -> float:
   """Matmul FLOPs (2 per multiply-add) of one forward over ``num_query`` positions of one sequence.
 
   Per position and layer: Q, K, V and output projections 4·2·d², MLP 2·2·d·d_ff,
-  scores and weighted values 2·2·d·num_keys; plus the unembedding 2·d·V.
+  scores and weighted values 2·2·d·num_keys; plus the unembedding 2·d·V at
+  each of the ``num_logits`` positions whose logits are computed (default
+  all; a teacher-forced pass unembeds its T target positions only, a prefill
+  its last).
   """
   d, f = cfg.d_model, cfg.d_ff
   per_layer = 8 * d * d + 4 * d * f + 4 * d * num_keys
-  return float(num_query * (cfg.num_layers * per_layer + 2 * d * cfg.vocab_size))
+  num_logits = num_query if num_logits is None else num_logits
+  return float(num_query * cfg.num_layers * per_layer + num_logits * 2 * d * cfg.vocab_size)
 
 
 def cached_rollout_flops(cfg: model_lib.ModelConfig, prompt_len: int, length: int) -> float:
-  """Analytic FLOPs of one cached rollout: prefill of [x, BOS], then one decode step per token.
+  """Analytic FLOPs of one rollout by a decoder with a FULL preallocated cache.
 
-  A decode step attends over the whole preallocated cache (``cfg.max_len``).
+  Prefill of [x, BOS] (logits of the last position only), then L decode
+  steps, each attending over the whole cache of ``cfg.max_len`` positions
+  (the decoders ``full_cache`` and ``python_loop``; the last step's output is
+  unused but computed).
   """
-  return (forward_flops(cfg, prompt_len + 1, cfg.max_len)
+  return (forward_flops(cfg, prompt_len + 1, cfg.max_len, 1)
           + length * forward_flops(cfg, 1, cfg.max_len))
+
+
+def sampler_rollout_flops(cfg: model_lib.ModelConfig, prompt_len: int, length: int) -> float:
+  """Analytic FLOPs of one rollout by the library sampler (``sampling.sample``).
+
+  Prefill of [x, BOS] into the first cache of ``sampling.cache_schedule``,
+  then the L − 1 decode steps, each attending over its chunk's cache length.
+  """
+  chunks = sampling.cache_schedule(prompt_len, length)
+  first = chunks[0][2] if chunks else prompt_len + 1
+  return (forward_flops(cfg, prompt_len + 1, first, 1)
+          + sum((stop - start) * forward_flops(cfg, 1, cache_len)
+                for start, stop, cache_len in chunks))
 
 
 def param_count(params) -> int:

@@ -13,8 +13,9 @@ stdout is the one JSON headline:
 * ``sampler_tokens_per_s`` — the jitted library sampler
   (``sampling.sample_latents``: B prompts × K latents × L tokens) — and
   ``sampler_hbm_fraction``, its fraction of the bandwidth bound: a decode
-  step of R = B·K rows must read at least every parameter and the whole KV
-  cache it attends over (``bytes_per_decode_step``, from
+  step of R = B·K rows must read at least every parameter and the filled
+  part of the KV cache, P + 1 + L/2 positions on average over a rollout
+  (``bytes_per_decode_step``, from
   ``bench_steps.decode_bytes_per_step``), so at ``copy_gbytes_per_s`` it
   cannot emit more than ``R · bandwidth / bytes_per_decode_step`` tokens/s;
 * ``train_step_peak_fraction`` — the teacher-forced train step

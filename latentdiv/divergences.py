@@ -29,6 +29,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 WEIGHTINGS = ("uniform", "prefix", "divergence")
 
@@ -455,7 +456,9 @@ def pairwise_token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: 
   pair is weighted by its own ``JSD_t(i, j)``. ``Ĵ_L(x, i, j)`` with
   ``weighting="prefix", prefix_len=L`` is the JSD control variate of
   DESIGN.md §5.4; its per-position form ``c · Σ_{t'>=t} w_t' JSD_t'`` is
-  ``jsd_to_go(out.jsd_t, out.weights_t)``. Memory is O(K² T V).
+  ``jsd_to_go(out.jsd_t, out.weights_t)``. The JSD is symmetric, so it is
+  computed for the K(K−1)/2 unordered pairs i < j only and mirrored: time and
+  memory O(K(K−1)/2 · T · V), against O(K² T V) for every ordered pair.
 
   Args:
     logits_KxTxV: ``[K, T, V]`` teacher-forced logits of the K latents.
@@ -475,11 +478,13 @@ def pairwise_token_jsd(logits_KxTxV: chex.Array, mask_T: chex.Array, weighting: 
   _check_latent_logits(logits_KxTxV, mask_T)
   num_latents, time, _ = logits_KxTxV.shape
   log_p = jax.nn.log_softmax(logits_KxTxV, axis=-1)
-  jsd_kkt = _generalized_jsd_from_log_probs(log_p[:, None], log_p[None, :], 0.5)
+  first, second = np.triu_indices(num_latents, k=1)  # The pairs i < j (static).
+  jsd_pt = _generalized_jsd_from_log_probs(log_p[first], log_p[second], 0.5)  # [pairs, T]
+  jsd_kkt = jnp.zeros((num_latents, num_latents, time), jsd_pt.dtype)
+  jsd_kkt = jsd_kkt.at[first, second].set(jsd_pt).at[second, first].set(jsd_pt)
   off_diagonal = ~jnp.eye(num_latents, dtype=bool)
   valid = jnp.asarray(mask_T) != 0
-  keep = off_diagonal[:, :, None] & valid[None, None, :]
-  jsd_kkt = jnp.where(keep, jsd_kkt, 0.0)
+  jsd_kkt = jnp.where(valid[None, None, :], jsd_kkt, 0.0)
   mask_kkt = jnp.broadcast_to(jnp.asarray(mask_T)[None, None, :], (num_latents, num_latents, time))
   weights_kkt = token_weights(weighting, mask_kkt, jsd_kkt, prefix_len, weight_temperature)
   value_kk = jnp.where(off_diagonal, weighted_mean(jsd_kkt, weights_kkt), 0.0)

@@ -11,14 +11,17 @@ preallocated cache pytree (``KVCache``) updated with ``dynamic_update_slice``:
 * ``teacher_forced_logits(model, params, prompt, target, latent)`` — all T
   next-token distributions of a batch in one pass;
 * ``prefill(...)`` and ``decode_step(...)`` — cached incremental decoding, the
-  building blocks of ``latentdiv.sampling``.
+  building blocks of ``latentdiv.sampling``; ``grow_cache`` lengthens a cache
+  (a decode step attends over the whole cache it is given, so a sampler can
+  keep it only as long as the positions written so far need, DESIGN.md §10).
 
 These compose with ``jax.jit``, ``jax.lax.scan`` and ``jax.vmap`` (over the K
 latents, say) and nothing else is needed: no mutable collections, no cache
 that grows by concatenation.
 
 Shapes: B batch, P prompt length, T target length, S a chunk of positions, M
-the cache length (``config.max_len``), H heads, D head size, V vocabulary.
+the cache length (at most ``config.max_len``), H heads, D head size, V
+vocabulary.
 """
 
 from __future__ import annotations
@@ -105,14 +108,39 @@ class KVCache(NamedTuple):
   key_valid: jax.Array
 
 
-def init_cache(config: ModelConfig, batch_size: int) -> KVCache:
-  """An empty cache for ``batch_size`` sequences of up to ``config.max_len``."""
-  shape = (batch_size, config.num_heads, config.max_len, config.head_dim)
+def _check_cache_len(config: ModelConfig, length: int) -> int:
+  length = config.max_len if length is None else length
+  if not 0 < length <= config.max_len:
+    raise ValueError(f"cache length must lie in [1, model.max_len = {config.max_len}], "
+                     f"got {length}.")
+  return length
+
+
+def init_cache(config: ModelConfig, batch_size: int, length: int | None = None) -> KVCache:
+  """An empty cache for ``batch_size`` sequences of ``length`` positions (default ``config.max_len``)."""
+  length = _check_cache_len(config, length)
+  shape = (batch_size, config.num_heads, length, config.head_dim)
   dtype = jnp.dtype(config.dtype)
   return KVCache(
       k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
       v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-      key_valid=jnp.zeros((batch_size, config.max_len), bool))
+      key_valid=jnp.zeros((batch_size, length), bool))
+
+
+def grow_cache(config: ModelConfig, cache: KVCache, length: int) -> KVCache:
+  """``cache`` padded to ``length`` positions (the new ones empty: zero, not valid).
+
+  One copy of the cache. Decoding from the padded cache gives the same
+  distributions as from the shorter one: the new positions are masked out of
+  attention until written (their softmax weight is exactly 0).
+  """
+  length = _check_cache_len(config, length)
+  old = cache.key_valid.shape[1]
+  if length < old:
+    raise ValueError(f"grow_cache cannot shrink a cache of {old} positions to {length}.")
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, length - old), (0, 0)))  # noqa: E731
+  return KVCache(tuple(map(pad, cache.k)), tuple(map(pad, cache.v)),
+                 jnp.pad(cache.key_valid, ((0, 0), (0, length - old))))
 
 
 class _Block(nn.Module):
@@ -149,7 +177,7 @@ class _Block(nn.Module):
           cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype), start)  # [B, H, M, D]
       values = jax.lax.dynamic_update_slice(
           cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype), start)
-      key_positions = jnp.arange(cfg.max_len)
+      key_positions = jnp.arange(cache_k.shape[2])
       new_cache = (keys, values)
     # Causal and padding mask, [B, S, keys].
     mask = (key_positions[None, :] <= positions_S[:, None])[None]
@@ -175,15 +203,22 @@ class LatentTransformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxS, latent_B, offset=0, cache: KVCache | None = None):
+  def __call__(self, tokens_BxS, latent_B, offset=0, cache: KVCache | None = None,
+               logits_from: int = 0):
     """Next-token logits for a chunk of S tokens starting at ``offset``.
 
     Without a cache the chunk is the whole sequence (offset must be 0). With a
     cache, the chunk's keys and values are written at ``offset`` and attention
-    reads the whole cache.
+    reads the whole cache (its positions not yet written are masked out).
+
+    ``logits_from`` (static) skips the final LayerNorm and the unembedding of
+    the chunk's first ``logits_from`` positions, whose logits a caller does
+    not read (the prompt's, under teacher forcing): at a large vocabulary the
+    unembedding is most of a position's FLOPs and its logits most of the
+    memory.
 
     Returns:
-      (logits [B, S, V] float32, the updated cache or None).
+      (logits [B, S − logits_from, V] float32, the updated cache or None).
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -207,7 +242,7 @@ class LatentTransformer(nn.Module):
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
-    h = nn.LayerNorm(dtype=dtype, name="ln_final")(h)
+    h = nn.LayerNorm(dtype=dtype, name="ln_final")(h[:, logits_from:])
     logits = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=jnp.float32,
                       name="unembed")(h).astype(jnp.float32)
     # The model never emits PAD or BOS: pinning their logits far below the rest
@@ -264,19 +299,29 @@ def teacher_forced_logits(model: LatentTransformer, params, prompt_BxP: jax.Arra
     raise ValueError(
         f"target batch {target_BxT.shape[0]} != prompt batch {prompt_BxP.shape[0]}.")
   inputs = decoder_inputs(prompt_BxP, target_BxT)
-  logits, _ = model.apply({"params": params}, inputs, latent_B)
-  return logits[:, prompt_BxP.shape[1]:]
+  # Only the T target positions are unembedded (the prompt's logits are never read).
+  logits, _ = model.apply({"params": params}, inputs, latent_B,
+                          logits_from=prompt_BxP.shape[1])
+  return logits
 
 
 def prefill(model: LatentTransformer, params, prompt_BxP: jax.Array,
-            latent_B: jax.Array) -> tuple[jax.Array, KVCache]:
-  """Writes ``[x, BOS]`` into a fresh cache; returns the logits of y_1 [B, V] and the cache."""
+            latent_B: jax.Array, cache_len: int | None = None) -> tuple[jax.Array, KVCache]:
+  """Writes ``[x, BOS]`` into a fresh cache; returns the logits of y_1 [B, V] and the cache.
+
+  ``cache_len`` (static): the cache's length M, at least P + 1 (default
+  ``config.max_len``); ``grow_cache`` lengthens it later.
+  """
   _check_inputs(model, prompt_BxP, latent_B, 1)
+  prompt_len = prompt_BxP.shape[1]
+  if cache_len is not None and cache_len < prompt_len + 1:
+    raise ValueError(f"cache_len ({cache_len}) must hold the prompt and BOS "
+                     f"({prompt_len + 1} positions).")
   bos = jnp.full((prompt_BxP.shape[0], 1), vocab.BOS, prompt_BxP.dtype)
-  cache = init_cache(model.config, prompt_BxP.shape[0])
+  cache = init_cache(model.config, prompt_BxP.shape[0], cache_len)
   logits, cache = model.apply({"params": params},
                               jnp.concatenate([prompt_BxP, bos], axis=1),
-                              latent_B, 0, cache)
+                              latent_B, 0, cache, logits_from=prompt_len)
   return logits[:, -1], cache
 
 
@@ -287,10 +332,12 @@ def decode_step(model: LatentTransformer, params, cache: KVCache, token_B: jax.A
   Args:
     model: the graph definition.
     params: its parameter pytree.
-    cache: the ``KVCache`` holding positions ``< position``.
+    cache: the ``KVCache`` holding positions ``< position``; the step attends
+      over all of its M positions (those not written are masked out).
     token_B: the token at ``position`` for each row.
     latent_B: the latent of each row.
-    position: scalar int (may be traced), the absolute position of ``token_B``.
+    position: scalar int (may be traced), the absolute position of ``token_B``;
+      must be < M (``dynamic_update_slice`` would clamp it silently).
   """
   chex.assert_rank(token_B, 1, custom_message="token must be [batch]")
   logits, cache = model.apply({"params": params}, token_B[:, None], latent_B,

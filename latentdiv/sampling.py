@@ -1,9 +1,10 @@
 """Prefix rollouts: L tokens for every latent at once, KV-cached, in one XLA program.
 
-``sample`` draws ``y_{1:L} ~ p_θ(· | x, z)`` for a batch with one
-``jax.lax.scan`` over time over a cached ``decode_step``; ``sample_latents``
-``vmap``s it over the K latents, so the K·L sequential steps of a rollout
-compile into a single program (DESIGN.md §5.1, §10). ``score_latents`` is the
+``sample`` draws ``y_{1:L} ~ p_θ(· | x, z)`` for a batch with a
+``jax.lax.scan`` over time over a cached ``decode_step`` (a few scans, one per
+length of the KV cache: ``cache_schedule``); ``sample_latents`` ``vmap``s it
+over the K latents, so the K·L sequential steps of a rollout compile into a
+single program (DESIGN.md §5.1, §10). ``score_latents`` is the
 teacher-forced counterpart: every rollout scored under every latent in one
 vmapped pass, as the sequence-level estimators need.
 
@@ -48,12 +49,65 @@ class Rollout(NamedTuple):
   logprobs: jax.Array | None = None
 
 
-@functools.partial(jax.jit, static_argnames=("model", "length", "return_logprobs", "greedy"))
+# The shortest KV cache the sampler allocates (positions); see ``cache_schedule``.
+MIN_CACHE_LEN = 64
+
+
+def cache_schedule(prompt_len: int, length: int,
+                   min_cache_len: int = MIN_CACHE_LEN) -> tuple[tuple[int, int, int], ...]:
+  """The sampler's decode steps in chunks, each with the KV-cache length it attends over.
+
+  A rollout of L tokens feeds y_1..y_{L−1} back (decode step t writes y_{t+1}
+  at position P + 1 + t, t = 0..L−2; the last token is never fed back), so
+  the cache needs P + L positions at the end but only P + 2 + t at step t. A
+  decode step attends over every position of the cache it is given, so the
+  sampler keeps the cache short and lengthens it between chunks: the first
+  chunk's cache has ``max(P + 2, min_cache_len)`` positions, each next one
+  twice the last, all capped at P + L (and P + L at once where fewer than
+  ``min_cache_len / 2`` positions would remain for a last chunk), and a chunk
+  runs the steps whose positions fit. A step then attends over at most about
+  twice the positions it needs (or ``min_cache_len``), in about
+  log₂((P + L) / min_cache_len) + 1 chunks, instead of over all P + L at
+  every step: the cost of a token no longer grows with L through attention to
+  positions not yet written (DESIGN.md §10).
+
+  Args:
+    prompt_len: P.
+    length: L ≥ 1.
+    min_cache_len: the shortest cache (a floor that keeps short rollouts in
+      one chunk: a chunk costs a compiled loop and one copy of the cache).
+
+  Returns:
+    ``((start, stop, cache_len), ...)``: chunk c runs decode steps
+    ``start ≤ t < stop`` in a cache of ``cache_len`` positions; the chunks
+    cover t = 0..L−2 in order (none when L = 1).
+  """
+  if length < 1:
+    raise ValueError(f"length must be >= 1, got {length}.")
+  total = prompt_len + length  # Positions ever written: x, BOS, y_1..y_{L-1}.
+  cache_len = min(total, max(prompt_len + 2, min_cache_len))
+  chunks, start = [], 0
+  while start < length - 1:
+    if total - cache_len < min_cache_len // 2:
+      cache_len = total  # Rather than a last chunk of a few steps.
+    stop = min(length - 1, cache_len - prompt_len - 1)
+    chunks.append((start, stop, cache_len))
+    start, cache_len = stop, min(total, 2 * cache_len)
+  return tuple(chunks)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length", "return_logprobs", "greedy",
+                                             "min_cache_len"))
 def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
            latent_B: jax.Array, key: chex.PRNGKey, length: int,
            temperature: float = 1.0, return_logprobs: bool = False,
-           greedy: bool = False) -> Rollout:
+           greedy: bool = False, min_cache_len: int = MIN_CACHE_LEN) -> Rollout:
   """Samples ``length`` tokens per row from p_θ(· | x, z), cached and scanned.
+
+  The L − 1 decode steps run as one ``lax.scan`` per chunk of
+  ``cache_schedule``, the KV cache lengthened between chunks (so a step
+  attends over at most about twice the positions written); token t is drawn
+  with ``jax.random.fold_in(key, t)``.
 
   Args:
     model: the graph definition (static).
@@ -66,6 +120,9 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
     return_logprobs: also return the [B, L, V] log-distributions.
     greedy: take the argmax token instead of sampling (static; ``logp`` is
       then the log-probability of the argmax under the model).
+    min_cache_len: the first chunk's cache floor (static; see
+      ``cache_schedule``). It changes how the work is chunked, not what is
+      drawn: the tokens depend on it only through float rounding.
 
   Returns:
     A ``Rollout`` with leaves [B, L] (and [B, L, V]).
@@ -75,11 +132,13 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
   # The last sampled token is never fed back, so [x, BOS, y_1..y_{L-1}] must fit.
   model_lib._check_inputs(model, prompt_BxP, latent_B, length)  # pylint: disable=protected-access
   prompt_len = prompt_BxP.shape[1]
-  logits, cache = model_lib.prefill(model, params, prompt_BxP, latent_B)
+  chunks = cache_schedule(prompt_len, length, min_cache_len)
+  logits, cache = model_lib.prefill(model, params, prompt_BxP, latent_B,
+                                    cache_len=chunks[0][2] if chunks else prompt_len + 1)
   done = jnp.zeros(prompt_BxP.shape[:1], bool)
 
-  def step(carry, t):
-    logits_BxV, cache, done = carry
+  def draw(logits_BxV, done, t):
+    """Token t from the logits: (outputs of step t, the new done flags)."""
     logprobs = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
     if greedy:
       token = jnp.argmax(logprobs, axis=-1)
@@ -88,17 +147,27 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
     valid = jnp.logical_not(done)
     token = jnp.where(valid, token, vocab.PAD).astype(jnp.int32)
     logp = jnp.where(valid, jnp.take_along_axis(logprobs, token[:, None], -1)[:, 0], 0.0)
-    done = jnp.logical_or(done, token == vocab.EOS)
-    # Position of y_t is P + t (x at 0..P-1, BOS at P, y_1 at P+1, ...).
-    # The step after the last sample is skipped by clamping: its output is unused.
-    position = jnp.minimum(prompt_len + 1 + t, model.config.max_len - 1)
-    next_logits, cache = model_lib.decode_step(model, params, cache, token, latent_B,
-                                               position)
     out = (token, logp, valid, logprobs if return_logprobs else None)
+    return out, jnp.logical_or(done, token == vocab.EOS)
+
+  def step(carry, t):
+    logits_BxV, cache, done = carry
+    out, done = draw(logits_BxV, done, t)
+    # Position of y_{t+1} is P + 1 + t (x at 0..P-1, BOS at P, y_1 at P+1, ...).
+    next_logits, cache = model_lib.decode_step(model, params, cache, out[0], latent_B,
+                                               prompt_len + 1 + t)
     return (next_logits, cache, done), out
 
-  _, (tokens, logp, mask, logprobs) = jax.lax.scan(
-      step, (logits, cache, done), jnp.arange(length))
+  carry, outs = (logits, cache, done), []
+  for start, stop, cache_len in chunks:
+    carry = (carry[0], model_lib.grow_cache(model.config, carry[1], cache_len), carry[2])
+    carry, out = jax.lax.scan(step, carry, jnp.arange(start, stop))
+    outs.append(out)
+  # The last token: drawn from the last step's logits and never fed back.
+  last, _ = draw(carry[0], carry[2], length - 1)
+  outs.append(jax.tree_util.tree_map(lambda a: a[None], last))
+  tokens, logp, mask, logprobs = (
+      None if parts[0] is None else jnp.concatenate(parts, axis=0) for parts in zip(*outs))
   swap = lambda a: None if a is None else jnp.moveaxis(a, 0, 1)  # noqa: E731
   return Rollout(swap(tokens), swap(logp), swap(mask), swap(logprobs))
 

@@ -138,11 +138,15 @@ def pair_terms(model, params, prompt_BxP: jax.Array,
   ``logp_score[b, i, j, t] = log p_i(y_t^i | c_t)`` (the rollout's own
   latent), ``logp_target[b, i, j, t] = log p_j(y_t^i | c_t)`` and
   ``kl[b, i, j, t] = KL(p_i(·|c_t) ‖ p_j(·|c_t))`` at rollout i's contexts,
-  all differentiable in ``params``. The K×K scoring pass is a ``lax.map`` over
-  the target latent j, rematerialised in the backward pass
-  (``jax.checkpoint``): at most two ``[B, K, L, V]`` logit tensors (the
-  rollouts under their own latents, and under the current j) are live at
-  once, instead of the ``[B, K, K, L, V]`` of scoring every pair at once, so
+  all differentiable in ``params``. The rollouts are scored under their own
+  latents in one pass; then a ``lax.map`` over the K² ordered pairs (i, j)
+  scores the B rollouts of latent i under latent j and reduces them to the
+  three per-token terms, rematerialised in the backward pass
+  (``jax.checkpoint``). Live at once: the own-latent logits ``[B·K, L, V]``
+  and, in the backward pass, their accumulated cotangent, plus one pair's
+  ``[B, L, V]`` intermediates: about five ``[B·K, L, V]`` float32 buffers
+  in all, forward and backward (XLA's memory analysis at K = 4 and 8),
+  instead of the ``[B, K, K, L, V]`` of scoring every pair at once, so
   memory grows linearly in K at any vocabulary size.
 
   Args:
@@ -161,21 +165,24 @@ def pair_terms(model, params, prompt_BxP: jax.Array,
   if num_latents != model.config.num_latents:
     raise ValueError(f"tokens_BxKxL must hold one rollout per latent (K = "
                      f"{model.config.num_latents}), got shape {tokens_BxKxL.shape}.")
-  flat_tokens = tokens_BxKxL.reshape(batch * num_latents, length)
-  flat_prompt = jnp.repeat(prompt_BxP, num_latents, axis=0)
-  own_latent = jnp.tile(jnp.arange(num_latents, dtype=jnp.int32), batch)
-  score_logits = model_lib.teacher_forced_logits(model, params, flat_prompt, flat_tokens,
-                                                 own_latent)  # [BK, L, V]: p_i at rollout i.
+  tokens_KxBxL = jnp.moveaxis(tokens_BxKxL, 1, 0)
+  latents_K = jnp.arange(num_latents, dtype=jnp.int32)
+  score_logits = model_lib.teacher_forced_logits(  # p_i at rollout i, rows (i, b).
+      model, params, jnp.tile(prompt_BxP, (num_latents, 1)),
+      tokens_KxBxL.reshape(num_latents * batch, length), jnp.repeat(latents_K, batch))
+  score_KxBxLxV = score_logits.reshape(num_latents, batch, length, -1)
 
   @jax.checkpoint
-  def under_latent(j):
+  def under_pair(pair):
+    i, j = pair // num_latents, pair % num_latents
+    tokens_BxL = tokens_KxBxL[i]
     target_logits = model_lib.teacher_forced_logits(
-        model, params, flat_prompt, flat_tokens, jnp.full_like(own_latent, j))
-    return jax.vmap(estimators.per_token_terms)(score_logits, target_logits, flat_tokens)
+        model, params, prompt_BxP, tokens_BxL, jnp.full((batch,), j, jnp.int32))
+    return jax.vmap(estimators.per_token_terms)(score_KxBxLxV[i], target_logits, tokens_BxL)
 
-  terms = jax.lax.map(under_latent, jnp.arange(num_latents))  # each [j, BK, L]
+  terms = jax.lax.map(under_pair, jnp.arange(num_latents * num_latents))  # each [i·j, B, L]
   return estimators.PerTokenTerms(*(
-      jnp.moveaxis(a.reshape(num_latents, batch, num_latents, length), 0, 2) for a in terms))
+      jnp.moveaxis(a.reshape(num_latents, num_latents, batch, length), 2, 0) for a in terms))
 
 
 def _jsd_to_go(data_logits_BxKxTxV, data_mask_BxT, rollout_len):

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,13 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from experiments import bench  # noqa: E402
+from experiments import bench_hf  # noqa: E402
 from experiments import bench_rollouts  # noqa: E402
 from experiments import bench_steps  # noqa: E402
 from experiments import bench_util  # noqa: E402
 from latentdiv import experiment  # noqa: E402
 from latentdiv import model as model_lib  # noqa: E402
+from latentdiv import sampling  # noqa: E402
 
 _PATH = os.path.join(_REPO, "experiments", "bench.py")
 
@@ -58,10 +61,18 @@ class FlopsTest(absltest.TestCase):
 
   def test_rollout_flops_by_method(self):
     cfg = bench_rollouts.model_config("tiny", 4, 8)
-    cached = bench_rollouts.rollout_flops(cfg, 3, 4, 8, "sampler")
+    cached = bench_rollouts.rollout_flops(cfg, 3, 4, 8, "full_cache")
     self.assertEqual(cached, bench_rollouts.rollout_flops(cfg, 3, 4, 8, "python_loop"))
-    self.assertEqual(cached, 3 * (bench_util.forward_flops(cfg, 5, cfg.max_len)
+    self.assertEqual(cached, 3 * (bench_util.forward_flops(cfg, 5, cfg.max_len, 1)
                                   + 8 * bench_util.forward_flops(cfg, 1, cfg.max_len)))
+    # The sampler: 7 decode steps, in its schedule's caches (12 positions: one chunk).
+    self.assertEqual(sampling.cache_schedule(4, 8), ((0, 7, 12),))
+    self.assertEqual(bench_rollouts.rollout_flops(cfg, 3, 4, 8, "sampler"),
+                     3 * (bench_util.forward_flops(cfg, 5, 12, 1)
+                          + 7 * bench_util.forward_flops(cfg, 1, 12)))
+    # Logits of the last position only: the unembedding counted once.
+    self.assertEqual(bench_util.forward_flops(cfg, 5, 12) - bench_util.forward_flops(cfg, 5, 12, 1),
+                     4 * 2 * cfg.d_model * cfg.vocab_size)
     self.assertEqual(bench_rollouts.rollout_flops(cfg, 3, 4, 8, "no_cache"),
                      3 * 8 * bench_util.forward_flops(cfg, cfg.max_len, cfg.max_len))
     with self.assertRaisesRegex(ValueError, "sampler"):
@@ -130,6 +141,10 @@ class ScaleCasesTest(absltest.TestCase):
                       ("medium", bench.TRAIN_BATCH["medium"])})
     self.assertEqual(full["lengths"], [("rollout", "small", bench.LONG_LENGTHS),
                                        ("seq_step", "small", bench.LONG_LENGTHS)])
+    # The Hugging Face cases: in the full run only (an optional extra), B·K as the rollouts'.
+    self.assertEqual(full["hf"], [("small", 32, 32), ("medium", 32, 32), ("large", 32, 16)])
+    for mode in ("quick", "smoke", "lengths"):
+      self.assertEqual(bench.plan(mode, ["small"])["hf"], [], mode)
     quick = bench.plan("quick", ["small"])
     self.assertEqual({(c, v, k, timed) for c, _, _, _, v, k, timed in quick["vocab"]},
                      {("seq", bench.HEADLINE_V, 4, False), ("seq", bench.HEADLINE_V, 8, False)})
@@ -188,11 +203,13 @@ class ScaleCasesTest(absltest.TestCase):
         vocab("seq", bench.HEADLINE_V, 4, 100), vocab("seq", bench.HEADLINE_V, 8, 210),
         vocab("rec", bench.HEADLINE_V, 4, 50), vocab("rec", bench.HEADLINE_V, 8, 90),
         bound, dict(bound, size="medium", seq_step_over_lower_bound=1.25),
-        # Fixed cost 0.1 s at M = 521 (0.01 s at 41); a step costs 1 ms at M = 41, 3 ms at 521.
-        length("rollout", 32, 41, 0.01 + 32e-3), length("rollout_in_cache", 8, 41, 0.01 + 8e-3),
-        length("rollout", 512, 521, 0.1 + 512 * 3e-3),
-        length("rollout_in_cache", 32, 521, 0.1 + 32 * 3e-3),
+        length("rollout", 32, 41, 0.04), length("rollout_full_cache", 32, 41, 0.05),
+        length("rollout", 512, 521, 1.28), length("rollout_full_cache", 512, 521, 2.56),
         length("seq_step", 32, 48, 1.0), length("seq_step", 512, 768, 40.0),
+        dict(kind="hf", size="medium", rows=128, P=8, L=32, sampler_s=0.1, hf_generate_s=0.17,
+             sampler_over_hf_generate=1.7, sampler_over_hf_generate_min=1.6,
+             xla_matmul_gflops=200.0, torch_matmul_gflops=100.0, torch_threads=2),
+        dict(kind="hf", size="large", skipped="No module named 'torch'"),
     ]
     headline = bench.headline_figures(records, dict(gflops=100.0))
     self.assertAlmostEqual(headline["seq_memory_k8_over_k4"], 2.1)  # At V = 32768, not 32.
@@ -203,21 +220,34 @@ class ScaleCasesTest(absltest.TestCase):
     self.assertEqual(headline["seq_step_over_lower_bound"], 1.5)
     self.assertEqual(headline["seq_step_over_lower_bound_medium"], 1.25)
     self.assertAlmostEqual(headline["rollout_per_token_l512_over_l32"],
-                           (0.1 + 512 * 3e-3) / 512 / ((0.01 + 32e-3) / 32))
+                           1.28 / 512 / (0.04 / 32))
+    self.assertAlmostEqual(headline["full_cache_per_token_l512_over_l32"],
+                           2.56 / 512 / (0.05 / 32))
     self.assertAlmostEqual(headline["seq_step_per_token_l512_over_l32"], 2.5)
-    self.assertAlmostEqual(bench.decode_step_costs(records)[521], 3e-3)
-    self.assertAlmostEqual(headline["decode_step_m521_over_m41"], 3.0)
-    # Step t attends over 9 + t keys, cost linear from 1 ms (M = 41) to 3 ms (M = 521);
-    # keys below 41 cost 1 ms (np.interp clamps).
-    bounded = sum(1e-3 + 2e-3 * max(9 + t - 41, 0) / 480 for t in range(512))
-    self.assertAlmostEqual(headline["rollout_bounded_attention_saving_l512"],
-                           (512 * 3e-3 - bounded) / (0.1 + 512 * 3e-3))
+    self.assertAlmostEqual(headline["sampler_over_full_cache_l512"], 2.0)
+    self.assertAlmostEqual(headline["sampler_over_full_cache_l32"], 1.25)
+    self.assertEqual(headline["sampler_over_hf_generate_medium"], 1.7)
+    self.assertEqual(headline["sampler_over_hf_generate_min_medium"], 1.6)
+    self.assertIsNone(headline["sampler_over_hf_generate_large"])
     meta = dict(device="cpu", num_devices=1, host="h", jax="x", mode="full", load_start="0",
                 load_end="0", matmul_n=512)
     table = bench.markdown(records, {k: v for k, v in headline.items() if k != "kind"}, meta)
     for heading in ("## Realistic vocabularies", "## Sequence-level step over its lower bound",
-                    "## Growth with length (L = 32, 128, 512)"):
+                    "## Growth with length (L = 32, 128, 512)",
+                    "## Against Hugging Face `generate`"):
       self.assertIn(heading, table)
+    self.assertIn("| large | skipped: No module named 'torch' |", table)
+
+
+class HfCaseTest(absltest.TestCase):
+  """Only the skip path: generate itself is never timed in the test suite."""
+
+  def test_missing_torch_is_a_skipped_record_with_the_reason(self):
+    with mock.patch.object(bench_hf, "available", return_value="No module named 'torch'"):
+      record = bench_hf.hf_case("tiny", 8, 2, repeats=1)
+    self.assertEqual(record, dict(kind="hf", size="tiny", B=2, L=8, P=8,
+                                  skipped="No module named 'torch'"))
+    self.assertIsNone(bench.hf_figures([record])["sampler_over_hf_generate_small"])
 
 
 class MainSmokeTest(absltest.TestCase):
@@ -243,14 +273,15 @@ class MainSmokeTest(absltest.TestCase):
     self.assertEqual(kinds, {"meta", "matmul", "rollout", "train", "vocab", "length"})
     # The memory pair (compiled only): K = 8 needs more than K = 4.
     self.assertGreater(headline["rec_memory_k8_over_k4"], 1.0)
-    # The rollout length family: each L, and short rollouts in each cache.
+    # The rollout length family: the sampler and the full-cache decoder at each L.
     grows = [(r["program"], r["L"], r["M"]) for r in lines if r["kind"] == "length"]
-    self.assertEqual(grows, [("rollout", 16, 25), ("rollout", 32, 41),
-                             ("rollout_in_cache", 8, 25), ("rollout_in_cache", 8, 41),
-                             ("rollout_in_cache", 16, 41)])
+    self.assertEqual(grows, [("rollout", 16, 25), ("rollout_full_cache", 16, 25),
+                             ("rollout", 32, 41), ("rollout_full_cache", 32, 41)])
+    for r in lines:
+      if r["kind"] == "length":
+        self.assertEqual(r["tokens_agree"], 1.0)
     self.assertGreater(headline["rollout_per_token_l512_over_l32"], 0.0)
-    # A difference of two timings (the slope in L at a fixed M): present, sign not asserted.
-    self.assertIsInstance(headline["decode_step_m521_over_m41"], float)
+    self.assertGreater(headline["sampler_over_full_cache_l512"], 0.0)
     rollouts = [r for r in lines if r["kind"] == "rollout"]
     self.assertEqual({r["method"] for r in rollouts}, set(bench_rollouts.ROLLOUT_METHODS))
     for r in rollouts:
@@ -296,13 +327,12 @@ class TrainCasesTest(absltest.TestCase):
       self.assertGreater(record["flops_analytic"], 0.0)
       self.assertBetween(record["flops_xla"] / record["flops_analytic"], 0.5, 1.5)
 
-  def test_rollout_length_case_times_each_length_and_each_cache(self):
+  def test_rollout_length_case_times_each_length_and_each_decoder(self):
     records = bench_rollouts.rollout_length_case("tiny", (4, 8), 2, repeats=1,
-                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0,
-                                                 short_len=2)
+                                                 peak_gflops=1.0, prompt_len=3, budget_s=0.0)
     self.assertEqual([(r["program"], r["L"], r["M"]) for r in records],
-                     [("rollout", 4, 8), ("rollout", 8, 12), ("rollout_in_cache", 2, 8),
-                      ("rollout_in_cache", 2, 12), ("rollout_in_cache", 4, 12)])
+                     [("rollout", 4, 8), ("rollout_full_cache", 4, 8),
+                      ("rollout", 8, 12), ("rollout_full_cache", 8, 12)])
     for r in records:
       self.assertEqual(r["kind"], "length")
       self.assertAlmostEqual(r["per_token_s"], r["median_s"] / (2 * r["K"] * r["L"]))

@@ -61,6 +61,45 @@ class ModelTest(parameterized.TestCase):
     decoded = decode_all(params, prompt, target, latent)
     chex.assert_trees_all_close(decoded, reference, atol=1e-5, rtol=1e-5)
 
+  def test_decoding_in_a_short_cache_grown_midway_equals_teacher_forcing(self):
+    model, params, prompt, target, latent = _setup()
+    reference = model_lib.teacher_forced_logits(model, params, prompt, target, latent)
+    prompt_len = prompt.shape[1]
+    # [x, BOS] fills a 7-position cache; it grows to 10, then 13 (= P + T).
+    logits0, cache = model_lib.prefill(model, params, prompt, latent, cache_len=prompt_len + 2)
+    decoded = [logits0]
+    for t in range(target.shape[1] - 1):
+      position = prompt_len + 1 + t
+      if position == cache.key_valid.shape[1]:
+        cache = model_lib.grow_cache(CONFIG, cache, position + 3)
+      logits, cache = model_lib.decode_step(model, params, cache, target[:, t], latent,
+                                            position)
+      decoded.append(logits)
+    self.assertEqual(cache.key_valid.shape[1], 13)
+    chex.assert_shape(cache.k[0], (3, CONFIG.num_heads, 13, CONFIG.head_dim))
+    chex.assert_trees_all_close(jnp.stack(decoded, 1), reference, atol=1e-5, rtol=1e-5)
+
+  def test_cache_length_errors(self):
+    model, params, prompt, _, latent = _setup()
+    with self.assertRaisesRegex(ValueError, "cache length"):
+      model_lib.init_cache(CONFIG, 2, CONFIG.max_len + 1)
+    with self.assertRaisesRegex(ValueError, "cache_len"):
+      model_lib.prefill(model, params, prompt, latent, cache_len=prompt.shape[1])
+    _, cache = model_lib.prefill(model, params, prompt, latent, cache_len=8)
+    with self.assertRaisesRegex(ValueError, "shrink"):
+      model_lib.grow_cache(CONFIG, cache, 7)
+
+  def test_teacher_forcing_unembeds_the_target_positions_only(self):
+    model, params, prompt, target, latent = _setup()
+    logits = model_lib.teacher_forced_logits(model, params, prompt, target, latent)
+    every, _ = model.apply({"params": params}, model_lib.decoder_inputs(prompt, target),
+                           latent)
+    chex.assert_trees_all_close(logits, every[:, prompt.shape[1]:], atol=1e-6)
+    # The compiled pass has no [B, P + T, V] logits: its unembedding is [B·T, V].
+    hlo = jax.jit(lambda p: model_lib.teacher_forced_logits(
+        model, p, prompt, target, latent)).lower(params).as_text()
+    self.assertNotIn(f"tensor<3x13x{CONFIG.vocab_size}xf32>", hlo)
+
   def test_prompt_padding_is_masked(self):
     model, params, prompt, target, latent = _setup()
     # What sits at a PAD prompt position must not matter: perturbing the

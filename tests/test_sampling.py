@@ -86,6 +86,51 @@ class SampleTest(parameterized.TestCase):
       chex.assert_trees_all_close(out.logp[:, i], jnp.where(out.mask[:, i], rescored, 0.0),
                                   atol=1e-5)
 
+  @parameterized.parameters((4, 9), (6, 17), (3, 1), (3, 2))
+  def test_cache_schedule_covers_every_step_in_a_cache_that_holds_it(self, prompt_len, length):
+    chunks = sampling.cache_schedule(prompt_len, length, min_cache_len=1)
+    steps = [t for start, stop, _ in chunks for t in range(start, stop)]
+    self.assertEqual(steps, list(range(length - 1)))  # Each decode step once, in order.
+    lengths = [cache_len for _, _, cache_len in chunks]
+    self.assertEqual(lengths, sorted(lengths))
+    for start, stop, cache_len in chunks:
+      # Step t writes position P + 1 + t; the cache never exceeds P + L.
+      self.assertLess(prompt_len + stop, cache_len + 1)
+      self.assertLessEqual(cache_len, prompt_len + length)
+    if length > 2:
+      self.assertGreater(len(chunks), 1)
+    with self.assertRaisesRegex(ValueError, "length"):
+      sampling.cache_schedule(prompt_len, 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chunked_cache_draws_what_one_full_cache_draws(self):
+    # min_cache_len=1 splits 9 tokens after a 3-token prompt into three
+    # chunks (caches of 5, 10, 12 positions); a floor of max_len runs all the
+    # steps in one cache of P + L positions. Same keys, same model: the
+    # same tokens, log-probabilities and distributions up to rounding.
+    config = model_lib.ModelConfig(vocab_size=9, num_latents=3, max_len=12, d_model=32,
+                                   num_heads=4, num_layers=2, d_ff=64)
+    model, params, prompt = _setup(config, batch=16, prompt_len=3, sharpen=2.0)
+    latent = jnp.arange(16) % 3
+    self.assertLen(sampling.cache_schedule(3, 9, 1), 3)
+
+    def run(min_cache_len):
+      return self.variant(lambda p, x, z, k: sampling.sample(
+          model, p, x, z, k, 9, return_logprobs=True, min_cache_len=min_cache_len))(
+              params, prompt, latent, jax.random.PRNGKey(4))
+
+    chunked, whole = run(1), run(config.max_len)
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_array_equal(chunked.mask, whole.mask)
+    chex.assert_trees_all_close(chunked.logp, whole.logp, atol=1e-5)
+    chex.assert_trees_all_close(chunked.logprobs, whole.logprobs, atol=1e-5)
+    # And both are the teacher-forced distributions at the sampled prefixes.
+    logprobs = jax.nn.log_softmax(
+        model_lib.teacher_forced_logits(model, params, prompt, chunked.tokens, latent))
+    masked = chunked.mask[..., None]
+    chex.assert_trees_all_close(jnp.where(masked, chunked.logprobs, 0.0),
+                                jnp.where(masked, logprobs, 0.0), atol=1e-5)
+
   def test_bad_inputs_are_clear_errors(self):
     model, params, prompt = _setup()
     with self.assertRaisesRegex(ValueError, "max_len"):
@@ -128,8 +173,11 @@ class SamplerDistributionTest(parameterized.TestCase):
 
     p0, p1 = exact_probs(0), exact_probs(1)
     np.testing.assert_allclose(p0.sum(), 1.0, rtol=1e-4)
+    # min_cache_len=1: the decode steps run in two chunks (caches of 5 and 6
+    # positions), so the exactness covers the lengthened cache.
+    self.assertLen(sampling.cache_schedule(3, length, 1), 2)
     out = sampling.sample(model, params, jnp.repeat(prompt, n, 0), jnp.zeros(n, jnp.int32),
-                          jax.random.PRNGKey(11), length)
+                          jax.random.PRNGKey(11), length, min_cache_len=1)
     index = {tuple(s): i for i, s in enumerate(seqs)}
     counts = np.bincount([index[tuple(s)] for s in np.asarray(out.tokens)],
                          minlength=len(seqs))
