@@ -15,9 +15,11 @@ One call:
 1. **rollouts** — N rollouts of L tokens per (example, latent): one
    ``lax.scan`` over L, vmapped over the K latents, KV-cached
    (``sampling.sample_latents``);
-2. **scoring** — every rollout under all K latents in one teacher-forced pass
-   vmapped over K (``sampling.score_latents``), giving p_i and p_j at the
-   rollout's contexts for every pair;
+2. **scoring** — every rollout under all K latents, teacher forced, one
+   (pair of) latent(s) at a time so that memory grows linearly in K
+   (:func:`pair_terms` for ``kl``, ``mutual_information.rollout_terms`` for
+   ``mi``; DESIGN.md §10), reduced to the per-token terms at the rollout's
+   contexts;
 3. **estimator** — per (example, pair) group of N rollouts (``kl``) or per
    (example, latent) group (``mi``), ``estimators.policy_gradient`` (score
    term + pathwise term, or the Rao-Blackwellised form) with the chosen
