@@ -74,13 +74,31 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
     raise ValueError(f"length must be >= 1, got {length}.")
   # The last sampled token is never fed back, so [x, BOS, y_1..y_{L-1}] must fit.
   model_lib._check_inputs(model, prompt_BxP, latent_B, length)  # pylint: disable=protected-access
-  prompt_len = prompt_BxP.shape[1]
-  logits, cache = model_lib.prefill(model, params, prompt_BxP, latent_B)
-  done = jnp.zeros(prompt_BxP.shape[:1], bool)
+  state = model_lib.prefill(model, params, prompt_BxP, latent_B)
+
+  def log_dist(state):
+    return jax.nn.log_softmax(state[0] / temperature, axis=-1)
+
+  def advance(state, token, position):
+    return model_lib.decode_step(model, params, state[1], token, latent_B, position)
+
+  return _decode(state, log_dist, advance, prompt_BxP.shape, model.config.max_len, key,
+                 length, return_logprobs, greedy)
+
+
+def _decode(state, log_dist, advance, prompt_shape, max_len, key, length,
+            return_logprobs, greedy) -> Rollout:
+  """The scan over L decode steps shared by :func:`sample` and :func:`sample_mixture`.
+
+  ``log_dist(state) -> [B, V]`` is the next-token log-distribution and
+  ``advance(state, token_B, position) -> state`` feeds the drawn token back.
+  """
+  batch, prompt_len = prompt_shape
+  done = jnp.zeros((batch,), bool)
 
   def step(carry, t):
-    logits_BxV, cache, done = carry
-    logprobs = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
+    state, done = carry
+    logprobs = log_dist(state)
     if greedy:
       token = jnp.argmax(logprobs, axis=-1)
     else:
@@ -91,16 +109,72 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
     done = jnp.logical_or(done, token == vocab.EOS)
     # Position of y_t is P + t (x at 0..P-1, BOS at P, y_1 at P+1, ...).
     # The step after the last sample is skipped by clamping: its output is unused.
-    position = jnp.minimum(prompt_len + 1 + t, model.config.max_len - 1)
-    next_logits, cache = model_lib.decode_step(model, params, cache, token, latent_B,
-                                               position)
+    position = jnp.minimum(prompt_len + 1 + t, max_len - 1)
+    state = advance(state, token, position)
     out = (token, logp, valid, logprobs if return_logprobs else None)
-    return (next_logits, cache, done), out
+    return (state, done), out
 
-  _, (tokens, logp, mask, logprobs) = jax.lax.scan(
-      step, (logits, cache, done), jnp.arange(length))
+  _, (tokens, logp, mask, logprobs) = jax.lax.scan(step, (state, done), jnp.arange(length))
   swap = lambda a: None if a is None else jnp.moveaxis(a, 0, 1)  # noqa: E731
   return Rollout(swap(tokens), swap(logp), swap(mask), swap(logprobs))
+
+
+@functools.partial(jax.jit, static_argnames=("student", "teacher", "length"))
+def sample_mixture(student: model_lib.LatentTransformer, student_params,
+                   teacher: model_lib.LatentTransformer, teacher_params,
+                   prompt_BxP: jax.Array, student_latent_B: jax.Array,
+                   teacher_latent_B: jax.Array, key: chex.PRNGKey, length: int,
+                   teacher_mix, temperature: float = 1.0) -> Rollout:
+  """Samples from the token-level mixture ``p̃ = α·q + (1−α)·π``, both models cached.
+
+  At every step the next token is drawn from
+  ``p̃(·|c_t) = α q(·|c_t) + (1−α) π(·|c_t)`` (each at ``temperature``) and fed
+  back to both decoders: MiniLLM's teacher-mixed sampling (DESIGN.md §6.4).
+  ``α = 0`` draws the same tokens as :func:`sample` of the student with the
+  same key.
+
+  Args:
+    student, teacher: graph definitions (static), same vocabulary.
+    student_params, teacher_params: their parameters.
+    prompt_BxP: int prompts.
+    student_latent_B, teacher_latent_B: each row's latent under each model.
+    key: PRNG key.
+    length: L (static).
+    teacher_mix: α ∈ [0, 1].
+    temperature: softmax temperature of both models.
+
+  Returns:
+    A ``Rollout`` with leaves [B, L]; ``logp`` is ``log p̃(y_t|c_t)``.
+
+  References:
+    Gu et al. (2024), MiniLLM; DESIGN.md §6.4.
+  """
+  if length < 1:
+    raise ValueError(f"length must be >= 1, got {length}.")
+  if student.config.vocab_size != teacher.config.vocab_size:
+    raise ValueError("student and teacher must share the vocabulary, got V = "
+                     f"{student.config.vocab_size} and {teacher.config.vocab_size}.")
+  model_lib._check_inputs(student, prompt_BxP, student_latent_B, length)  # pylint: disable=protected-access
+  model_lib._check_inputs(teacher, prompt_BxP, teacher_latent_B, length)  # pylint: disable=protected-access
+  state = (model_lib.prefill(student, student_params, prompt_BxP, student_latent_B),
+           model_lib.prefill(teacher, teacher_params, prompt_BxP, teacher_latent_B))
+  alpha = jnp.asarray(teacher_mix, jnp.float32)
+
+  def log_dist(state):
+    logp = jax.nn.log_softmax(state[0][0] / temperature, axis=-1)
+    logq = jax.nn.log_softmax(state[1][0] / temperature, axis=-1)
+    return jnp.logaddexp(jnp.log1p(-alpha) + logp, jnp.log(alpha) + logq)
+
+  def advance(state, token, position):
+    (_, s_cache), (_, t_cache) = state
+    return (model_lib.decode_step(student, student_params, s_cache, token, student_latent_B,
+                                  position),
+            model_lib.decode_step(teacher, teacher_params, t_cache, token, teacher_latent_B,
+                                  position))
+
+  max_len = min(student.config.max_len, teacher.config.max_len)
+  return _decode(state, log_dist, advance, prompt_BxP.shape, max_len, key, length, False,
+                 False)
 
 
 def sample_latents(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
