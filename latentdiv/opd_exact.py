@@ -23,7 +23,9 @@ term, teacher-mixed sampling with its importance weights):
 
 :func:`bias_table` reports the relative error and the cosine of each
 variant's mean against the exact ``∇KL(π ‖ q)`` (``experiments/opd_bias.py``
-writes them to ``docs/RESULTS.md``).
+writes them to ``docs/RESULTS.md``). :func:`row_gradient_moments` is the
+Monte-Carlo counterpart for a model too large to enumerate: the sample mean
+and variance of per-response gradients the caller has drawn.
 """
 
 from __future__ import annotations
@@ -243,3 +245,30 @@ def bias_table(student_fn: ModelFn, student_params: PyTree, teacher_fn: ModelFn,
       row["theory_error"] = float(jnp.linalg.norm(mean - predicted) / norm)
     rows.append(row)
   return rows
+
+
+def row_gradient_moments(row_loss_fn: Callable[..., jax.Array], params: PyTree,
+                         rows: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Sample moments of per-row gradients: ``(‖mean‖, total variance)``.
+
+  ``g_b = ∇_params row_loss_fn(params, *row_b)`` for each of the B rows
+  (``jax.vmap`` over the leading axis of every array in ``rows``);
+  ``mean = (1/B) Σ_b g_b`` and the unbiased total variance
+  ``Σ_b ‖g_b − mean‖² / (B − 1)`` (one response's estimator).
+
+  Args:
+    row_loss_fn: ``(params, *row) -> scalar`` the loss of one response.
+    params: the parameters.
+    rows: arrays with a leading axis B ≥ 2 (e.g. prompts, tokens, masks).
+
+  Returns:
+    ``(norm_of_mean, variance)`` scalars.
+
+  References:
+    DESIGN.md §5.4, §6.4 (variance of the estimators).
+  """
+  grads = jax.vmap(lambda *row: flatten_util.ravel_pytree(
+      jax.grad(row_loss_fn)(params, *row))[0])(*rows)
+  m = moments_lib.weighted_moments(grads[:, None, :], jnp.ones(grads.shape[:1] + (1,),
+                                                              grads.dtype))
+  return jnp.linalg.norm(m.mean[0]), m.m2[0] / (grads.shape[0] - 1)
