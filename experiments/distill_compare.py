@@ -24,7 +24,9 @@ future matters, ``experiments/configs/distill_branch.py``, DESIGN.md §6.4):
    per seed, the seeds where γ = 1 beats γ = 0 with non-overlapping CIs,
    validity, response length, gradient norm in the OPD phase, the estimator's
    variance at the warm start, ms per train step; and the learning curves
-   ``DOCS/distill_<task>_curves.png`` (mean over seeds, shaded min–max).
+   ``DOCS/distill_curves.png`` (``distill_<task>_curves.png``; with
+   ``--study=discount``: ``distill_discount_<task>_curves.png``; mean over
+   seeds, shaded min–max).
 
 Runs are sequential in one process (the per-step wall times are
 comparable); compiled programs are cached on disk (``ROOT/.jax_cache``).
@@ -67,9 +69,14 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Student train steps (0: the task's co
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 0,
                                       "Teacher train steps (0: 300, or 1000 for branch).")
 _METHODS = flags.DEFINE_list("methods", list(distill_config.METHODS), "Methods to run.")
+_GRAD_CLIP = flags.DEFINE_float("grad_clip_norm", -1.0,
+                                 "Override config.optim.grad_clip_norm (0: no clipping; "
+                                 "-1: the config's).")
 _VARIANCE_ROWS = flags.DEFINE_integer("variance_rows", 256,
                                       "Student responses for the variance at the warm start.")
 
+OTHER_COLORS = {"gkd": "tab:red", "seq_kd": "tab:orange", "per_token_reward": "tab:gray",
+                "opd_rb_cold": "tab:brown"}
 BASE_LABELS = {
     "opd_rb": "OPD, rao_blackwell, warm-started",
     "opd_rb_cold": "OPD, rao_blackwell, from the random student",
@@ -105,6 +112,8 @@ def student_config(task: str, method: str, teacher_dir: str, seed: int, num_step
   config.seed = seed
   if num_steps:
     config.train.num_steps = num_steps
+  if _GRAD_CLIP.value >= 0:
+    config.optim.grad_clip_norm = _GRAD_CLIP.value
   # OPD runs keep the checkpoint at the end of the warm start (the variance point).
   warm = config.objective.warm_start_steps
   config.train.checkpoint_every = warm if warm else config.train.num_steps
@@ -288,6 +297,8 @@ def plot_curves(curves: dict, path: str, title: str) -> None:
     style = dict(linestyle="--" if base == "opd_kl_to_go" else "-")
     if base in ("opd_rb", "opd_kl_to_go"):
       style["color"] = cmap(0.9 * discount)
+    else:
+      style.update(color=OTHER_COLORS.get(base), linestyle=":")
     steps = np.asarray([r["step"] for r in runs[0]])
     for ax, (key, _) in zip(axes, panels):
       values = np.asarray([[np.mean(r[key]) for r in run] for run in runs])
@@ -341,7 +352,8 @@ def run_task(root: str, task: str, methods: list[str], num_seeds: int) -> str:
   table = make_table(results, initial, grad_norms, variance)
   with open(os.path.join(root, "table.md"), "w") as f:
     f.write(table + "\n")
-  name = "distill_curves" if task == "early_divergence" else f"distill_{task}_curves"
+  name = (f"distill_discount_{task}_curves" if _STUDY.value == "discount"
+          else "distill_curves" if task == "early_divergence" else f"distill_{task}_curves")
   plot_path = os.path.join(_DOCS.value, name + ".png")
   plot_curves(curves, plot_path,
               f"On-policy distillation on '{task}' (mean over {num_seeds} seeds, min–max shaded)")

@@ -106,6 +106,15 @@ def _canonical_sequences(tokens, length):
   return np.array(sorted(outs), np.int32)
 
 
+def _chi2_pvalue(counts, probs):
+  """Pearson χ² p-value of sequence counts against probabilities (small cells pooled)."""
+  expected = probs / probs.sum() * counts.sum()
+  big = expected >= 5  # Pool small expected counts so the χ² approximation holds.
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  return stats.chisquare(obs, exp).pvalue
+
+
 class SamplerDistributionTest(parameterized.TestCase):
   """Empirical sequence frequencies match exact probabilities by enumeration (DESIGN §7)."""
 
@@ -133,17 +142,9 @@ class SamplerDistributionTest(parameterized.TestCase):
     index = {tuple(s): i for i, s in enumerate(seqs)}
     counts = np.bincount([index[tuple(s)] for s in np.asarray(out.tokens)],
                          minlength=len(seqs))
-    # Pool cells with small expected counts so the chi-square approximation holds.
-    def chi2_pvalue(p):
-      expected = p / p.sum() * n
-      big = expected >= 5
-      obs = np.append(counts[big], counts[~big].sum())
-      exp = np.append(expected[big], expected[~big].sum())
-      return stats.chisquare(obs, exp).pvalue
-
-    self.assertGreater(chi2_pvalue(p0), 1e-3)
+    self.assertGreater(_chi2_pvalue(counts, p0), 1e-3)
     # The test has power: the other latent's distribution is rejected.
-    self.assertLess(chi2_pvalue(p1), 1e-6)
+    self.assertLess(_chi2_pvalue(counts, p1), 1e-6)
 
 
 class MixtureSamplerTest(parameterized.TestCase):
@@ -181,15 +182,9 @@ class MixtureSamplerTest(parameterized.TestCase):
     index = {tuple(s): i for i, s in enumerate(seqs)}
     counts = np.bincount([index[tuple(s)] for s in np.asarray(out.tokens)], minlength=rows)
 
-    def chi2_pvalue(p):
-      expected = p / p.sum() * n
-      big = expected >= 5
-      obs = np.append(counts[big], counts[~big].sum())
-      exp = np.append(expected[big], expected[~big].sum())
-      return stats.chisquare(obs, exp).pvalue
-
-    self.assertGreater(chi2_pvalue(exact_probs(alpha)), 1e-3)
-    self.assertLess(chi2_pvalue(exact_probs(0.0)), 1e-6)  # power: the student alone is rejected.
+    self.assertGreater(_chi2_pvalue(counts, exact_probs(alpha)), 1e-3)
+    # Power: the student alone is rejected.
+    self.assertLess(_chi2_pvalue(counts, exact_probs(0.0)), 1e-6)
     # logp is the mixture's log-probability of the drawn token.
     first = {tuple(s): i for i, s in enumerate(seqs)}
     i = first[tuple(np.asarray(out.tokens[0]))]
