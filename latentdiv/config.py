@@ -46,6 +46,8 @@ def loop_config() -> ml_collections.ConfigDict:
   # transduction only: input lengths are uniform in [min_len, prompt_len].
   c.task.min_len = 2
   c.task.transform = "reverse"
+  # branch only: the continuation after the second branch token (tasks.HARD_BRANCHES).
+  c.task.hard_branch = "lookup"
 
   # The model (latentdiv.model.ModelConfig). num_latents is K.
   c.model = ml_collections.ConfigDict()
@@ -185,6 +187,7 @@ def validate_loop(config: ml_collections.ConfigDict) -> None:
   one_of(config, "task.name", tasks.TASKS)
   one_of(config, "task.variant", tasks.LATE_VARIANTS)
   one_of(config, "task.transform", tasks.TRANSFORMS)
+  one_of(config, "task.hard_branch", tasks.HARD_BRANCHES)
   one_of(config, "optim.schedule", SCHEDULES)
   one_of(config, "model.dtype", DTYPES)
   for path in ("eval.greedy", "train.fsdp"):

@@ -4,7 +4,9 @@
 ``jax.lax.scan`` over time over a cached ``decode_step`` (a few scans, one per
 length of the KV cache: ``cache_schedule``); ``sample_latents`` ``vmap``s it
 over the K latents, so the K·L sequential steps of a rollout compile into a
-single program (DESIGN.md §5.1, §10). ``score_latents`` is the
+single program (DESIGN.md §5.1, §10). ``sample_mixture`` draws from the
+token-level mixture of a student and a teacher, both cached (MiniLLM's
+teacher-mixed sampling, §6.4). ``score_latents`` is the
 teacher-forced counterpart: every rollout scored under every latent in one
 vmapped pass, as the sequence-level estimators need.
 
@@ -133,13 +135,37 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
   model_lib._check_inputs(model, prompt_BxP, latent_B, length)  # pylint: disable=protected-access
   prompt_len = prompt_BxP.shape[1]
   chunks = cache_schedule(prompt_len, length, min_cache_len)
-  logits, cache = model_lib.prefill(model, params, prompt_BxP, latent_B,
-                                    cache_len=chunks[0][2] if chunks else prompt_len + 1)
-  done = jnp.zeros(prompt_BxP.shape[:1], bool)
+  state = model_lib.prefill(model, params, prompt_BxP, latent_B,
+                            cache_len=chunks[0][2] if chunks else prompt_len + 1)
 
-  def draw(logits_BxV, done, t):
-    """Token t from the logits: (outputs of step t, the new done flags)."""
-    logprobs = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
+  def log_dist(state):
+    return jax.nn.log_softmax(state[0] / temperature, axis=-1)
+
+  def advance(state, token, position):
+    return model_lib.decode_step(model, params, state[1], token, latent_B, position)
+
+  def grow(state, cache_len):
+    return state[0], model_lib.grow_cache(model.config, state[1], cache_len)
+
+  return _decode(state, log_dist, advance, grow, chunks, prompt_len, key, length,
+                 return_logprobs, greedy)
+
+
+def _decode(state, log_dist, advance, grow, chunks, prompt_len, key, length,
+            return_logprobs, greedy) -> Rollout:
+  """The decode steps shared by :func:`sample` and :func:`sample_mixture`.
+
+  ``log_dist(state) -> [B, V]`` is the next-token log-distribution,
+  ``advance(state, token_B, position) -> state`` feeds the drawn token back
+  and ``grow(state, cache_len) -> state`` lengthens the KV cache(s) between
+  the chunks of ``cache_schedule``. Token t is drawn with ``fold_in(key, t)``;
+  the last one is never fed back.
+  """
+  done = jnp.zeros(log_dist(state).shape[:1], bool)
+
+  def draw(state, done, t):
+    """Token t: (outputs of step t, the new done flags)."""
+    logprobs = log_dist(state)
     if greedy:
       token = jnp.argmax(logprobs, axis=-1)
     else:
@@ -151,25 +177,90 @@ def sample(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,
     return out, jnp.logical_or(done, token == vocab.EOS)
 
   def step(carry, t):
-    logits_BxV, cache, done = carry
-    out, done = draw(logits_BxV, done, t)
+    state, done = carry
+    out, done = draw(state, done, t)
     # Position of y_{t+1} is P + 1 + t (x at 0..P-1, BOS at P, y_1 at P+1, ...).
-    next_logits, cache = model_lib.decode_step(model, params, cache, out[0], latent_B,
-                                               prompt_len + 1 + t)
-    return (next_logits, cache, done), out
+    return (advance(state, out[0], prompt_len + 1 + t), done), out
 
-  carry, outs = (logits, cache, done), []
+  carry, outs = (state, done), []
   for start, stop, cache_len in chunks:
-    carry = (carry[0], model_lib.grow_cache(model.config, carry[1], cache_len), carry[2])
+    carry = (grow(carry[0], cache_len), carry[1])
     carry, out = jax.lax.scan(step, carry, jnp.arange(start, stop))
     outs.append(out)
-  # The last token: drawn from the last step's logits and never fed back.
-  last, _ = draw(carry[0], carry[2], length - 1)
+  # The last token: drawn from the last step's distribution and never fed back.
+  last, _ = draw(carry[0], carry[1], length - 1)
   outs.append(jax.tree_util.tree_map(lambda a: a[None], last))
   tokens, logp, mask, logprobs = (
       None if parts[0] is None else jnp.concatenate(parts, axis=0) for parts in zip(*outs))
   swap = lambda a: None if a is None else jnp.moveaxis(a, 0, 1)  # noqa: E731
   return Rollout(swap(tokens), swap(logp), swap(mask), swap(logprobs))
+
+
+@functools.partial(jax.jit, static_argnames=("student", "teacher", "length"))
+def sample_mixture(student: model_lib.LatentTransformer, student_params,
+                   teacher: model_lib.LatentTransformer, teacher_params,
+                   prompt_BxP: jax.Array, student_latent_B: jax.Array,
+                   teacher_latent_B: jax.Array, key: chex.PRNGKey, length: int,
+                   teacher_mix, temperature: float = 1.0) -> Rollout:
+  """Samples from the token-level mixture ``p̃ = α·q + (1−α)·π``, both models cached.
+
+  At every step the next token is drawn from
+  ``p̃(·|c_t) = α q(·|c_t) + (1−α) π(·|c_t)`` (each at ``temperature``) and fed
+  back to both decoders: MiniLLM's teacher-mixed sampling (DESIGN.md §6.4).
+  ``α = 0`` draws the same tokens as :func:`sample` of the student with the
+  same key.
+
+  Args:
+    student, teacher: graph definitions (static), same vocabulary.
+    student_params, teacher_params: their parameters.
+    prompt_BxP: int prompts.
+    student_latent_B, teacher_latent_B: each row's latent under each model.
+    key: PRNG key.
+    length: L (static).
+    teacher_mix: α ∈ [0, 1].
+    temperature: softmax temperature of both models.
+
+  Returns:
+    A ``Rollout`` with leaves [B, L]; ``logp`` is ``log p̃(y_t|c_t)``.
+
+  References:
+    Gu et al. (2024), MiniLLM; DESIGN.md §6.4.
+  """
+  if length < 1:
+    raise ValueError(f"length must be >= 1, got {length}.")
+  if student.config.vocab_size != teacher.config.vocab_size:
+    raise ValueError("student and teacher must share the vocabulary, got V = "
+                     f"{student.config.vocab_size} and {teacher.config.vocab_size}.")
+  model_lib._check_inputs(student, prompt_BxP, student_latent_B, length)  # pylint: disable=protected-access
+  model_lib._check_inputs(teacher, prompt_BxP, teacher_latent_B, length)  # pylint: disable=protected-access
+  prompt_len = prompt_BxP.shape[1]
+  chunks = cache_schedule(prompt_len, length)
+  first = chunks[0][2] if chunks else prompt_len + 1
+  state = (model_lib.prefill(student, student_params, prompt_BxP, student_latent_B,
+                             cache_len=first),
+           model_lib.prefill(teacher, teacher_params, prompt_BxP, teacher_latent_B,
+                             cache_len=first))
+  alpha = jnp.asarray(teacher_mix, jnp.float32)
+
+  def log_dist(state):
+    logp = jax.nn.log_softmax(state[0][0] / temperature, axis=-1)
+    logq = jax.nn.log_softmax(state[1][0] / temperature, axis=-1)
+    return jnp.logaddexp(jnp.log1p(-alpha) + logp, jnp.log(alpha) + logq)
+
+  def advance(state, token, position):
+    (_, s_cache), (_, t_cache) = state
+    return (model_lib.decode_step(student, student_params, s_cache, token, student_latent_B,
+                                  position),
+            model_lib.decode_step(teacher, teacher_params, t_cache, token, teacher_latent_B,
+                                  position))
+
+  def grow(state, cache_len):
+    (s_logits, s_cache), (t_logits, t_cache) = state
+    return ((s_logits, model_lib.grow_cache(student.config, s_cache, cache_len)),
+            (t_logits, model_lib.grow_cache(teacher.config, t_cache, cache_len)))
+
+  return _decode(state, log_dist, advance, grow, chunks, prompt_len, key, length, False,
+                 False)
 
 
 def sample_latents(model: model_lib.LatentTransformer, params, prompt_BxP: jax.Array,

@@ -47,6 +47,13 @@ Tasks (``make_task(name, **kwargs)``):
   pattern), then S − 1 − s fillers (``T = P + S``): strategies that differ only
   in where a shared pattern is placed, so teacher forcing on the data sees the
   latents agree once the pattern has started (DESIGN.md §9).
+* ``branch`` — two strategies that announce themselves with their first
+  token and differ in how hard the rest is (DESIGN.md §6.4, §9): ``f_0(x) =
+  (b_0, x_1..x_P)`` (a copy) and ``f_1(x) = (b_1, g(x))`` with
+  ``g(x)_t = x_{(x_t mod P) + 1}`` (``"lookup"``: each token points at the
+  prompt position to read, two dependent attention steps), ``T = P + 2``.
+  A small one-layer student copies but does not look up (``A = 8, P = 6``),
+  so a distilled student should avoid the first token ``b_1`` that leads there.
 """
 
 from __future__ import annotations
@@ -62,9 +69,11 @@ import jax.numpy as jnp
 
 from latentdiv import vocab
 
-TASKS = ("early_divergence", "late_divergence", "transduction", "pattern_placement")
+TASKS = ("early_divergence", "late_divergence", "transduction", "pattern_placement",
+         "branch")
 LATE_VARIANTS = ("shift", "permute")
 TRANSFORMS = ("reverse", "copy", "dedup")
+HARD_BRANCHES = ("lookup",)
 
 
 class Batch(NamedTuple):
@@ -434,6 +443,50 @@ def pattern_placement(alphabet_size: int = 6, prompt_len: int = 4,
 
   return _make("pattern_placement", alphabet_size, prompt_len, width + 1, num_strategies,
                {}, prompt_fn, outputs_fn)
+def branch(alphabet_size: int = 6, prompt_len: int = 4, hard_branch: str = "lookup") -> Task:
+  """A first token that commits to an easy or a hard continuation (two strategies).
+
+  ``f_0(x) = (b_0, x_1..x_P, EOS)`` and ``f_1(x) = (b_1, g(x), EOS)``, with
+  the branch tokens ``b_s`` = symbol s and, for ``hard_branch="lookup"``,
+  ``g(x)_t = x_{(x_t mod P) + 1}``: the token at the prompt position that
+  ``x_t`` names. Copying needs one attention step (by position); the lookup
+  needs two dependent ones (read ``x_t``, then attend to the position it
+  names). At A = 8, P = 6 a one-layer d_model = 32 Transformer learns the
+  copy but not the lookup (at A = 6, P = 4 it memorises it). A teacher trained
+  on the uniform mixture starts either branch with probability ½; the
+  per-token reward matches that first token, while the sequence reverse KL
+  of a student that cannot follow the hard branch is lowest when it avoids
+  ``b_1`` (DESIGN.md §6.4).
+
+  Args:
+    alphabet_size: A ≥ 2 (V = 3 + A); symbols 0 and 1 double as branch tokens.
+    prompt_len: P (T = P + 2: branch token, P content tokens, EOS).
+    hard_branch: one of ``HARD_BRANCHES``.
+
+  Returns:
+    The ``Task`` (S = 2; strategy 0 is the copy, 1 the hard branch).
+
+  References:
+    DESIGN.md §6.4 (a task where the future matters), §9.
+  """
+  _check_positive(alphabet_size=alphabet_size, prompt_len=prompt_len)
+  if alphabet_size < 2:
+    raise ValueError(f"alphabet_size must be >= 2 (two branch tokens), got {alphabet_size}.")
+  if hard_branch not in HARD_BRANCHES:
+    raise ValueError(f"hard_branch must be one of {HARD_BRANCHES}, got {hard_branch!r}.")
+
+  def outputs_fn(prompt_P):
+    symbols = _symbols(prompt_P)
+    hard = symbols[symbols % prompt_len]
+    rows = jnp.stack([jnp.concatenate([jnp.zeros((1,), symbols.dtype), symbols]),
+                      jnp.concatenate([jnp.ones((1,), symbols.dtype), hard])])
+    return _append_eos(_content(rows))
+
+  return _make("branch", alphabet_size, prompt_len, prompt_len + 2, 2,
+               dict(hard_branch=hard_branch),
+               functools.partial(_uniform_prompt, prompt_len=prompt_len,
+                                 alphabet_size=alphabet_size),
+               outputs_fn)
 
 
 _FACTORIES = {
@@ -441,6 +494,7 @@ _FACTORIES = {
     "late_divergence": late_divergence,
     "transduction": transduction,
     "pattern_placement": pattern_placement,
+    "branch": branch,
 }
 
 
@@ -448,7 +502,7 @@ def make_task(name: str, **kwargs) -> Task:
   """The task ``name`` (one of ``TASKS``) built with ``kwargs``.
 
   Args:
-    name: ``"early_divergence"``, ``"late_divergence"`` or ``"transduction"``.
+    name: one of ``TASKS``.
     **kwargs: the keyword arguments of the corresponding factory function.
 
   Returns:

@@ -151,6 +151,15 @@ def _canonical_sequences(tokens, length):
   return np.array(sorted(outs), np.int32)
 
 
+def _chi2_pvalue(counts, probs):
+  """Pearson χ² p-value of sequence counts against probabilities (small cells pooled)."""
+  expected = probs / probs.sum() * counts.sum()
+  big = expected >= 5  # Pool small expected counts so the χ² approximation holds.
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  return stats.chisquare(obs, exp).pvalue
+
+
 class SamplerDistributionTest(parameterized.TestCase):
   """Empirical sequence frequencies match exact probabilities by enumeration (DESIGN §7)."""
 
@@ -181,14 +190,64 @@ class SamplerDistributionTest(parameterized.TestCase):
     index = {tuple(s): i for i, s in enumerate(seqs)}
     counts = np.bincount([index[tuple(s)] for s in np.asarray(out.tokens)],
                          minlength=len(seqs))
-    # Pool cells with small expected counts so the chi-square approximation holds.
-    def chi2_pvalue(p):
-      expected = p / p.sum() * n
-      big = expected >= 5
-      obs = np.append(counts[big], counts[~big].sum())
-      exp = np.append(expected[big], expected[~big].sum())
-      return stats.chisquare(obs, exp).pvalue
-
-    self.assertGreater(chi2_pvalue(p0), 1e-3)
+    self.assertGreater(_chi2_pvalue(counts, p0), 1e-3)
     # The test has power: the other latent's distribution is rejected.
-    self.assertLess(chi2_pvalue(p1), 1e-6)
+    self.assertLess(_chi2_pvalue(counts, p1), 1e-6)
+
+
+class MixtureSamplerTest(parameterized.TestCase):
+  """``sample_mixture`` draws from ``α·q + (1−α)·π`` token by token (DESIGN.md §6.4)."""
+
+  def test_chi_square_against_the_exact_mixture(self):
+    config = model_lib.ModelConfig(vocab_size=6, num_latents=2, max_len=8, d_model=16,
+                                   num_heads=2, num_layers=1, d_ff=32)
+    model, params, prompt = _setup(config, batch=1, prompt_len=3, seed=5, sharpen=4.0)
+    # The teacher: another (wider) model with its own parameters.
+    t_config = model_lib.ModelConfig(vocab_size=6, num_latents=1, max_len=8, d_model=32,
+                                     num_heads=2, num_layers=1, d_ff=32)
+    teacher, t_params, _ = _setup(t_config, batch=1, prompt_len=3, seed=7, sharpen=4.0)
+    length, n, alpha = 3, 20000, 0.4
+    emitted = [vocab.EOS] + list(range(vocab.FIRST_CONTENT, config.vocab_size))
+    seqs = _canonical_sequences(emitted, length)
+    mask = np.cumsum(np.cumsum(seqs == vocab.EOS, 1), 1) <= 1
+    rows = len(seqs)
+
+    def step_logp(m, p, latent):
+      logits = model_lib.teacher_forced_logits(m, p, jnp.repeat(prompt, rows, 0),
+                                               jnp.asarray(seqs), jnp.full((rows,), latent))
+      return jnp.take_along_axis(jax.nn.log_softmax(logits), seqs[..., None], -1)[..., 0]
+
+    lp, lq = step_logp(model, params, 0), step_logp(teacher, t_params, 0)
+
+    def exact_probs(a):
+      mixed = jnp.logaddexp(jnp.log1p(-a) + lp, jnp.log(a) + lq) if a > 0 else lp
+      return np.exp(np.asarray(jnp.sum(jnp.where(mask, mixed, 0.0), -1), np.float64))
+
+    np.testing.assert_allclose(exact_probs(alpha).sum(), 1.0, rtol=1e-4)
+    zeros = jnp.zeros(n, jnp.int32)
+    out = sampling.sample_mixture(model, params, teacher, t_params, jnp.repeat(prompt, n, 0),
+                                  zeros, zeros, jax.random.PRNGKey(11), length, alpha)
+    index = {tuple(s): i for i, s in enumerate(seqs)}
+    counts = np.bincount([index[tuple(s)] for s in np.asarray(out.tokens)], minlength=rows)
+
+    self.assertGreater(_chi2_pvalue(counts, exact_probs(alpha)), 1e-3)
+    # Power: the student alone is rejected.
+    self.assertLess(_chi2_pvalue(counts, exact_probs(0.0)), 1e-6)
+    # logp is the mixture's log-probability of the drawn token.
+    first = {tuple(s): i for i, s in enumerate(seqs)}
+    i = first[tuple(np.asarray(out.tokens[0]))]
+    want = np.logaddexp(np.log1p(-alpha) + np.asarray(lp[i]), np.log(alpha) + np.asarray(lq[i]))
+    np.testing.assert_allclose(np.where(mask[i], out.logp[0], 0.0), np.where(mask[i], want, 0.0),
+                               rtol=1e-4, atol=1e-5)
+
+  def test_no_teacher_share_is_the_student_sampler(self):
+    model, params, prompt = _setup()
+    latent = jnp.zeros(prompt.shape[0], jnp.int32)
+    key = jax.random.PRNGKey(3)
+    alone = sampling.sample(model, params, prompt, latent, key, 5)
+    mixed = sampling.sample_mixture(model, params, model, params, prompt, latent, latent + 1,
+                                    key, 5, 0.0)
+    np.testing.assert_array_equal(mixed.tokens, alone.tokens)
+    np.testing.assert_allclose(mixed.logp, alone.logp, rtol=1e-6, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "length"):
+      sampling.sample_mixture(model, params, model, params, prompt, latent, latent, key, 0, 0.5)

@@ -25,10 +25,12 @@ CONFIGS = (
     ("transduction", {}),
     ("transduction", dict(transform="copy")),
     ("transduction", dict(transform="dedup", alphabet_size=3, prompt_len=8, min_len=1)),
+    ("branch", {}),
+    ("branch", dict(alphabet_size=8, prompt_len=6)),
 )
 NAMED_CONFIGS = tuple(
     (f"{name}_{i}", name, kwargs) for i, (name, kwargs) in enumerate(CONFIGS))
-ONE_PER_TASK = tuple(NAMED_CONFIGS[i] for i in (0, 3, 5))
+ONE_PER_TASK = tuple(NAMED_CONFIGS[i] for i in (0, 3, 5, 8))
 
 
 BATCH = 256
@@ -54,6 +56,11 @@ def _reference_outputs(task, prompt):
   for s in range(s_count):
     if task.name == "early_divergence":
       row = [C + (sym[t] + s * opts["shift"]) % a for t in range(p)]
+    elif task.name == "branch":
+      if s == 0:
+        row = [C] + [C + v for v in sym]
+      else:
+        row = [C + 1] + [C + sym[sym[t] % p] for t in range(p)]
     elif task.name == "late_divergence":
       d = opts["num_divergent"]
       if opts["variant"] == "shift":
@@ -208,6 +215,20 @@ class TaskTest(chex.TestCase):
     else:
       np.testing.assert_array_equal(output_len, input_len)
 
+  def test_branch_announces_its_continuation(self):
+    # The first token names the branch; the copy branch repeats the prompt, the
+    # other reads x at the position each x_t points to (DESIGN.md §9).
+    task = tasks.make_task("branch", alphabet_size=8, prompt_len=6)
+    self.assertEqual((task.num_strategies, task.target_len), (2, 8))
+    batch = _draw(task, seed=3)
+    outputs, prompt = batch.valid_outputs, batch.prompt
+    np.testing.assert_array_equal(outputs[:, 0, 0], C)
+    np.testing.assert_array_equal(outputs[:, 1, 0], C + 1)
+    np.testing.assert_array_equal(outputs[:, 0, 1:7], prompt)
+    pointer = (prompt - C) % 6
+    np.testing.assert_array_equal(outputs[:, 1, 1:7], np.take_along_axis(prompt, pointer, 1))
+    self.assertTrue((outputs[:, 0, 1:7] != outputs[:, 1, 1:7]).any(axis=1).mean() > 0.9)
+
   def test_task_is_hashable_and_compared_by_value(self):
     a = tasks.make_task("late_divergence", variant="permute")
     b = tasks.make_task("late_divergence", variant="permute")
@@ -215,7 +236,8 @@ class TaskTest(chex.TestCase):
     self.assertEqual(a, b)
     self.assertEqual(hash(a), hash(b))
     self.assertNotEqual(a, c)
-    self.assertEqual(tasks.TASKS, ("early_divergence", "late_divergence", "transduction"))
+    self.assertEqual(tasks.TASKS,
+                     ("early_divergence", "late_divergence", "transduction", "branch"))
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, "early_divergence"):
@@ -236,6 +258,10 @@ class TaskTest(chex.TestCase):
       tasks.make_task("transduction", prompt_len=3, min_len=4)
     with self.assertRaisesRegex(ValueError, "alphabet_size"):
       tasks.make_task("early_divergence", alphabet_size=0)
+    with self.assertRaisesRegex(ValueError, "hard_branch"):
+      tasks.make_task("branch", hard_branch="sum")
+    with self.assertRaisesRegex(ValueError, "alphabet_size"):
+      tasks.make_task("branch", alphabet_size=1)
     with self.assertRaisesRegex(ValueError, "batch_size"):
       tasks.make_task("early_divergence").sample(jax.random.PRNGKey(0), 0)
     with self.assertRaises(TypeError):

@@ -30,20 +30,43 @@ The argument after the colon picks the method (default ``opd_rb``):
 * ``gkd`` — TRL's GKD: generalised JSD(β = 0.5), on-policy fraction
   λ = 0.5, off-policy rows from the data;
 * ``seq_kd`` — forward KL by sequence-level KD on teacher samples.
+
+A suffix ``_g<γ>`` on ``opd_rb`` or ``opd_kl_to_go`` sets the discount on the
+future terms (``objective.discount``, DESIGN.md §6.4; γ = 1 without it):
+``opd_rb_g0`` is MiniLLM's single-step exact-KL term alone, ``opd_kl_to_go_g0``
+the per-token reward. ``DISCOUNT_STUDY`` lists the arms of the discount study
+(``python experiments/distill_compare.py --study=discount``).
 """
 
 from __future__ import annotations
+
+import re
 
 from latentdiv import objectives
 
 METHODS = ("opd_rb", "opd_rb_cold", "opd_kl_to_go", "per_token_reward", "gkd", "seq_kd")
 WARM_START_STEPS = 100
+DISCOUNTS = (0.0, 0.5, 0.9, 1.0)
+DISCOUNT_STUDY = tuple(
+    f"{base}_g{g:g}" if g < 1 else base
+    for base in ("opd_rb", "opd_kl_to_go") for g in DISCOUNTS) + ("gkd", "seq_kd")
+_DISCOUNTED = re.compile(r"^(opd_rb|opd_kl_to_go)_g(0|0?\.[0-9]+|1)$")
+
+
+def parse_method(method: str) -> tuple[str, float]:
+  """``(base method, discount)`` of a method name: ``opd_rb_g0.5`` → ``('opd_rb', 0.5)``."""
+  match = _DISCOUNTED.match(method)
+  if match:
+    return match.group(1), float(match.group(2))
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, or opd_rb / opd_kl_to_go with a "
+                     f"discount suffix _g<γ in [0, 1]> (e.g. opd_rb_g0.5), got {method!r}.")
+  return method, 1.0
 
 
 def get_config(method: str = "opd_rb"):
-  """The distillation config of ``method`` (one of ``METHODS``)."""
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  """The distillation config of ``method`` (``METHODS``, or with a ``_g<γ>`` suffix)."""
+  method, discount = parse_method(method)
   config = objectives.base_config("distillation")
   config.task.name = "early_divergence"
   config.task.num_strategies = 3
@@ -72,6 +95,7 @@ def get_config(method: str = "opd_rb"):
     d.loss = method
   if method in ("opd_rb", "opd_kl_to_go"):
     d.warm_start, d.warm_start_steps = "seq_kd", WARM_START_STEPS
+    d.discount = discount
   d.gkd_beta = 0.5
   d.gkd_lambda = 0.5
   d.gkd_off_policy = "data"

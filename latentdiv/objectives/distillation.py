@@ -23,7 +23,13 @@ Losses (``objective.loss``), each named for what it is:
   terms by γ^{t'−t} (γ = 1 unbiased; γ = 0 is the per-token reward, or with
   ``rao_blackwell`` MiniLLM's single-step exact-KL term alone);
   ``objective.length_normalize`` divides them by the number of remaining
-  tokens (MiniLLM). Both are biased for ∇KL; the oracle measures by how much.
+  tokens (MiniLLM); both are biased for ∇KL. ``objective.single_step_kl``
+  makes the current step of ``reward_to_go`` exact (MiniLLM's single-step
+  decomposition; unbiased). ``objective.teacher_mix`` = α samples the
+  responses from ``α·q + (1−α)·π_θ`` token by token, reweighted by
+  ``objective.mix_weight``: ``'sequence'`` keeps every variant's on-policy
+  expectation, ``'token'`` (MiniLLM) is biased. ``latentdiv.opd_exact``
+  measures each variant's bias exactly.
 * ``per_token_reward`` — the same surrogate with the coefficient ``A_t = r_t``
   alone: the per-token reverse KL used as a reward with no future terms. A
   BIASED estimator of the sequence KL's gradient (the oracle measures it).
@@ -87,6 +93,15 @@ def default_config() -> ml_collections.ConfigDict:
   # and MiniLLM's length normalisation of the future terms.
   d.discount = 1.0
   d.length_normalize = False
+  # MiniLLM's single-step decomposition: the current step of reward_to_go(_baseline)
+  # replaced by the exact per-step KL gradient (kl_to_go so treated is rao_blackwell).
+  d.single_step_kl = False
+  # Teacher-mixed sampling (MiniLLM): responses drawn token by token from
+  # teacher_mix * q + (1 - teacher_mix) * student, reweighted by mix_weight:
+  # 'sequence' (prefix ratios: each variant keeps its on-policy expectation) or
+  # 'token' (MiniLLM's per-token ratio: biased). 0 = on-policy.
+  d.teacher_mix = 0.0
+  d.mix_weight = "sequence"
   d.ema_decay = 0.9  # for baseline='ema'.
   d.gkd_beta = 0.5  # JSD_beta mixing weight (TRL default 0.5).
   d.gkd_lambda = 0.5  # on-policy fraction: a row is a student sample w.p. lambda.
@@ -159,11 +174,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.objective.baseline must be one of {BASELINES[1:]}, got 'none'.")
   config_lib.in_range(config, "objective.discount", 0, 1)
   config_lib.boolean(config, "objective.length_normalize")
+  config_lib.boolean(config, "objective.single_step_kl")
+  config_lib.in_range(config, "objective.teacher_mix", 0, 1, closed_high=False)
+  config_lib.one_of(config, "objective.mix_weight", opd.MIX_WEIGHTS)
+  if d.loss != "opd" and (d.single_step_kl or d.teacher_mix > 0 or d.discount != 1
+                          or d.length_normalize):
+    raise ValueError(
+        "config.objective.discount, length_normalize, single_step_kl and teacher_mix are "
+        f"variants of loss='opd'; got loss={d.loss!r} with discount={d.discount!r}, "
+        f"length_normalize={d.length_normalize!r}, single_step_kl={d.single_step_kl!r}, "
+        f"teacher_mix={d.teacher_mix!r}.")
   if d.loss == "opd":
     try:
-      estimators.check_variant(d.estimator, float(d.discount), d.length_normalize)
+      opd.check_options(d.estimator, float(d.discount), d.length_normalize,
+                        d.single_step_kl, float(d.teacher_mix), d.mix_weight)
     except ValueError as err:
-      raise ValueError(f"config.objective.discount / length_normalize: {err}") from None
+      raise ValueError("config.objective.discount / length_normalize / single_step_kl / "
+                       f"teacher_mix: {err}") from None
   if d.baseline == "leave_one_out" and d.num_rollouts < 2:
     raise ValueError(
         "config.objective.num_rollouts must be >= 2 with baseline 'leave_one_out', got "
@@ -323,13 +350,19 @@ class Distillation(train.Objective):
 
     metrics, new_extra = {}, dict(extra)
     if kind in ("opd", "per_token_reward"):
-      rollout = student_sample()
+      if kind == "opd" and d.teacher_mix > 0:
+        rollout = sampling.sample_mixture(
+            student, jax.lax.stop_gradient(params), teacher, teacher_params, prompt_r,
+            student_r, teacher_r, student_key, length, float(d.teacher_mix), tau)
+      else:
+        rollout = student_sample()
       s_logits, t_logits = score(rollout.tokens)
       estimator = d.estimator if kind == "opd" else estimators.PER_TOKEN_REWARD
       baseline = d.baseline if kind == "opd" else "none"
       group = lambda a: a.reshape((num_prompts * k_student, n_rollouts) + a.shape[1:])  # noqa: E731
-      variant = (dict(discount=float(d.discount), length_normalize=d.length_normalize)
-                 if kind == "opd" else {})
+      variant = (dict(discount=float(d.discount), length_normalize=d.length_normalize,
+                      single_step_kl=d.single_step_kl, teacher_mix=float(d.teacher_mix),
+                      mix_weight=d.mix_weight) if kind == "opd" else {})
       out = opd_loss(group(s_logits / tau), group(t_logits / tau), group(rollout.tokens),
                      group(rollout.mask), estimator, baseline, extra.get("ema"), **variant)
       loss, maskf = out.loss, group(rollout.mask).astype(jnp.float32)
@@ -342,6 +375,8 @@ class Distillation(train.Objective):
             out.returns, out.baseline, maskf)
       reverse_kl, mask = sequence_reverse_kl(s_logits, t_logits, rollout.tokens,
                                              rollout.mask), rollout.mask
+      if kind == "opd" and d.teacher_mix > 0:  # Importance-weighted: unbiased for the KL.
+        reverse_kl = out.reverse_kl
       metrics["sample_reverse_kl"] = jnp.mean(reverse_kl)
     elif kind == "gkd":
       on_policy = jax.random.bernoulli(coin_key, d.gkd_lambda, prompt_r.shape[:1])

@@ -430,6 +430,12 @@ class ConfigAndMismatchTest(parameterized.TestCase):
       ("discount", dict(discount=1.5), r"config.objective.discount must be in \[0, 1\]"),
       ("discount_trajectory", dict(estimator="trajectory", discount=0.5),
        "apply to the to-go estimators"),
+      ("teacher_mix", dict(teacher_mix=1.0), r"config.objective.teacher_mix must be in \[0, 1\)"),
+      ("mix_weight", dict(mix_weight="seq"), "config.objective.mix_weight must be one of"),
+      ("single_step_kl", dict(estimator="kl_to_go", single_step_kl=True),
+       "single_step_kl applies to"),
+      ("mix_trajectory", dict(estimator="trajectory", teacher_mix=0.2), "to-go estimator"),
+      ("variants_need_opd", dict(loss="gkd", teacher_mix=0.2), "variants of loss='opd'"),
       ("warm_start", dict(warm_start="dpo"), "warm_start must be one of"),
       ("warm_start_steps", dict(warm_start="seq_kd"), "warm_start_steps go together"),
       ("warm_steps_alone", dict(warm_start_steps=5), "warm_start_steps go together"),
@@ -556,6 +562,32 @@ class DistillRunTest(absltest.TestCase):
     self.assertEqual(phases, [1, 1, 1, 0, 0, 0])
     self.assertTrue(all(v > 0 for v in seq_kd_nll[:3]) and all(v == 0 for v in seq_kd_nll[3:]))
     self.assertTrue(all(v == 0 for v in reverse_kl[:3]) and all(v != 0 for v in reverse_kl[3:]))
+
+  def test_teacher_mixed_single_step_with_leave_one_out(self):
+    # MiniLLM's sampling and single-step term with a leave-one-out baseline under
+    # sequence weights: one program, responses from sampling.sample_mixture.
+    config = _student_config(_TEACHER["dir"], loss="opd", estimator="reward_to_go_baseline",
+                             baseline="leave_one_out", num_rollouts=2, single_step_kl=True,
+                             teacher_mix=0.3)
+    setup, objective = experiment.build(config)
+    state = train.init_state(setup, objective)
+    step = train.make_train_step(setup, objective, frozen=objective.frozen())
+    calls = []
+    real = distillation.sampling.sample_mixture
+
+    def spy(*args, **kwargs):
+      calls.append(args[9])  # teacher_mix (α).
+      return real(*args, **kwargs)
+
+    with mock.patch.object(distillation.sampling, "sample_mixture", spy):
+      for _ in range(3):
+        new_state, metrics = step(state)
+        self.assertTrue(np.isfinite(float(metrics["loss"])))
+        self.assertTrue(np.isfinite(float(metrics["sample_reverse_kl"])))
+        state = new_state
+    self.assertEqual(calls, [0.3])  # Traced once, with α.
+    self.assertEqual(step._cache_size(), 1)
+    self.assertEqual(int(state.step), 3)
 
   @pytest.mark.slow
   def test_warm_start_resumes_across_the_switch(self):
