@@ -236,8 +236,27 @@ class TaskTest(chex.TestCase):
     self.assertEqual(a, b)
     self.assertEqual(hash(a), hash(b))
     self.assertNotEqual(a, c)
-    self.assertEqual(tasks.TASKS,
-                     ("early_divergence", "late_divergence", "transduction", "branch"))
+    self.assertCountEqual(tasks.TASKS, tasks._FACTORIES)  # pylint: disable=protected-access
+
+  def test_pattern_placement_writes_the_prompt_at_each_offset(self):
+    task = tasks.make_task("pattern_placement", alphabet_size=6, prompt_len=4, num_strategies=3)
+    self.assertEqual((task.target_len, task.num_strategies), (7, 3))
+    batch = task.sample(jax.random.PRNGKey(0), 64)
+    filler = vocab.FIRST_CONTENT  # Symbol 0.
+    prompt = np.asarray(batch.prompt)
+    self.assertFalse((prompt == filler).any())  # Prompts never use the filler.
+    outputs = np.asarray(batch.valid_outputs)
+    for s in range(3):
+      np.testing.assert_array_equal(outputs[:, s, s:s + 4], prompt)
+      self.assertTrue((outputs[:, s, :s] == filler).all())
+      self.assertTrue((outputs[:, s, s + 4:6] == filler).all())
+      self.assertTrue((outputs[:, s, 6] == vocab.EOS).all())
+    # Every pair of strategies differs somewhere for every prompt.
+    for a in range(3):
+      for b in range(a + 1, 3):
+        self.assertTrue((outputs[:, a] != outputs[:, b]).any(axis=1).all())
+    with self.assertRaisesRegex(ValueError, "alphabet_size must be >= 2"):
+      tasks.make_task("pattern_placement", alphabet_size=1)
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, "early_divergence"):
