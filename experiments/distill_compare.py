@@ -50,6 +50,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import sweep  # noqa: E402
 from experiments.configs import branch_teacher  # noqa: E402
 from experiments.configs import default as default_config  # noqa: E402
 from experiments.configs import distill as distill_config  # noqa: E402
@@ -58,13 +59,16 @@ from experiments.configs import distill_branch  # noqa: E402
 TASKS = ("branch", "early_divergence")
 STUDIES = ("none", "discount")
 
-_ROOT = flags.DEFINE_string("root", "workdir/distill_compare", "Directory of the runs.")
-_DOCS = flags.DEFINE_string("docs", os.path.join(_ROOT_DIR, "docs"),
-                            "Directory for the PNG plots.")
+# Flags that other experiment scripts also define: see sweep.define_shared_flag.
+_ROOT = sweep.define_shared_flag(flags.DEFINE_string, "root", "workdir/distill_compare",
+                                 "Directory of the runs.")
+_DOCS = sweep.define_shared_flag(flags.DEFINE_string, "docs", os.path.join(_ROOT_DIR, "docs"),
+                                 "Directory for the PNG plots.")
 _STUDY = flags.DEFINE_enum("study", "none", STUDIES,
                            "'discount': --methods = distill.DISCOUNT_STUDY on both tasks.")
-_TASKS = flags.DEFINE_list("tasks", ["early_divergence"], f"Tasks, among {TASKS}.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method: 0..seeds-1.")
+_TASKS = sweep.define_shared_flag(flags.DEFINE_list, "tasks", ["early_divergence"],
+                                  f"Tasks, among {TASKS}.")
+_SEEDS = sweep.define_shared_flag(flags.DEFINE_integer, "seeds", 3, "Seeds per method: 0..seeds-1.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Student train steps (0: the task's config).")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 0,
                                       "Teacher train steps (0: 300, or 1000 for branch).")

@@ -50,7 +50,7 @@ _ROOT = _define_shared(flags.DEFINE_string, "root", "workdir/diversity_study",
 _DOCS = _define_shared(flags.DEFINE_string, "docs", os.path.join(_ROOT_DIR, "docs"),
                        "Directory for the PNG plots.")
 _SEEDS = _define_shared(flags.DEFINE_integer, "seeds", 5, "Seeds per cell: 0..seeds-1.")
-_TASKS = flags.DEFINE_list("tasks", list(study.TASKS), "Tasks to run.")
+_TASKS = _define_shared(flags.DEFINE_list, "tasks", list(study.TASKS), "Tasks to run.")
 _OBJECTIVES = flags.DEFINE_list(
     "objectives", list(study.OBJECTIVES),
     "Objectives to run; OBJECTIVE@WEIGHT overrides the divergence term's weight (a weight "

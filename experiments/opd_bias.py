@@ -33,12 +33,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import sweep  # noqa: E402
 from latentdiv import model as model_lib  # noqa: E402
 from latentdiv import opd_exact  # noqa: E402
 from latentdiv import oracle  # noqa: E402
 from latentdiv import vocab  # noqa: E402
 
-_ROOT = flags.DEFINE_string("root", "workdir/opd_bias", "Directory of the output files.")
+_ROOT = sweep.define_shared_flag(flags.DEFINE_string, "root", "workdir/opd_bias",
+                                 "Directory of the output files.")
 _ALPHA = flags.DEFINE_float("teacher_mix", 0.2, "α of the teacher-mixed rows (MiniLLM: 0.2).")
 
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
