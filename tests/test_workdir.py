@@ -1,10 +1,16 @@
-"""The workdir rules (latentdiv/workdir.py): one run at a time, the resume check, the log.
+"""The workdir rules (latentdiv/workdir.py): names, one run at a time, the resume rules.
 
-* a busy workdir lock refuses a second run, a stale one is taken over;
-* a resume whose config changes the structure of the checkpointed state
-  (``train.STRUCTURAL_FIELDS`` and the objective's ``structure``) is refused
-  before anything is restored, naming the fields; other changes continue;
-* a log line cut short by a kill does not stop the resume.
+* the default run folder is named after the whole config argument and its
+  overrides: the README's commands never share a folder unless they are the
+  same config;
+* an unusable --workdir is a one-line WorkdirError;
+* the lock is an ``fcntl.flock``: two processes racing for a stale lock file
+  never both hold it, and no stale file (pid 1 in a container, another host,
+  a dead pid, garbage) blocks a run;
+* a run whose config differs from its workdir's is refused, listing every
+  changed field; structural changes always, others without
+  ``accept_changes``; ``config.json`` changes only with it and the history
+  keeps every start; a missing ``config.json`` is read from the checkpoint.
 
 The in-process runs of ``tests/configs/tiny.py`` share a persistent compilation
 cache (a temporary directory, removed afterwards), as in
@@ -18,16 +24,22 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import textwrap
+import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from latentdiv import cli
 from latentdiv import experiment
 from latentdiv import workdir as workdir_lib
 from latentdiv.objectives import diversity
@@ -79,61 +91,292 @@ def _files_under(directory):
           for f in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(f)}
 
 
+def _quiet(fn, *args, **kwargs):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = fn(*args, **kwargs)
+  return result, out.getvalue()
+
+
+# ----------------------------------------------------------------------------
+# Names.
+
+
+def _readme_commands():
+  """Every ``python run.py ...`` command in README.md's code blocks, as argument lists."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+  commands = []
+  for block in blocks:
+    for line in block.splitlines():
+      for part in line.split("&&"):
+        words = shlex.split(part.split("#")[0])
+        if words[:2] == ["python", "run.py"] and "--help" not in words:
+          commands.append(words[2:])
+  return commands
+
+
+def _config_of(args):
+  """(config, default run folder or --workdir) of run.py's arguments, as run.py builds them."""
+  spec, overrides, workdir = os.path.join(REPO, "experiments/configs/default.py"), {}, None
+  for arg in args:
+    name, _, value = arg[2:].partition("=")
+    if name == "config":
+      spec = value
+    elif name == "workdir":
+      workdir = value
+    elif name.startswith("config."):
+      overrides[name[len("config."):]] = value
+  path, sep, arg = spec.partition(":")
+  config = cli.load_config_file(os.path.join(REPO, path) + sep + arg)
+  typed = {}
+  for path_, text in overrides.items():
+    node = config
+    *parents, leaf = path_.split(".")
+    for part in parents:
+      node = node[part]
+    old = node[leaf]
+    value = (text in ("True", "true", "1")) if isinstance(old, bool) else type(old)(text)
+    node[leaf] = typed[path_] = value
+  return config, workdir or cli.run_folder(spec, typed)
+
+
+class NameTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("experiments/configs/raml.py:hamming,0.8", {}, "raml_hamming_0.8"),
+      ("experiments/configs/raml.py:hamming,0.95", {}, "raml_hamming_0.95"),
+      ("experiments/configs/distill.py:gkd", {}, "distill_gkd"),
+      ("/abs/experiments/configs/default.py", {"train.num_steps": 300,
+                                               "objective.lambda_jsd": 0.5},
+       "default_lambda_jsd_0.5_num_steps_300"),
+      ("default.py", {"optim.warmup_steps": 5, "objective.sequence_term.warmup_steps": 9},
+       "default_objective.sequence_term.warmup_steps_9_optim.warmup_steps_5"),
+      ("distill.py", {"objective.teacher_workdir": "workdir/a b"},
+       "distill_teacher_workdir_workdir-a-b"),
+  )
+  def test_default_names_come_from_the_whole_argument_and_the_overrides(self, spec, overrides,
+                                                                        name):
+    self.assertEqual(workdir_lib.default_name(spec, overrides), name)
+
+  def test_long_names_are_cut_with_a_hash(self):
+    long = {f"objective.f{i}": "x" * 20 for i in range(8)}
+    name = workdir_lib.default_name("default.py", long)
+    self.assertLessEqual(len(name), 100)
+    self.assertNotEqual(name, workdir_lib.default_name("default.py", dict(long, extra=1)))
+
+  def test_the_readme_commands_never_share_a_folder_of_another_config(self):
+    commands = _readme_commands()
+    self.assertGreaterEqual(len(commands), 5)
+    seen = {}
+    for args in commands:
+      config, folder = _config_of(args)
+      record = workdir_lib.config_record(config)
+      if folder in seen:
+        self.assertEqual(seen[folder][1], record,
+                         f"{args} and {seen[folder][0]} share {folder} with other configs")
+      seen[folder] = (args, record)
+    self.assertGreaterEqual(len(seen), 5)
+    # The distillation example reads the teacher the first command trains.
+    distill = [a for a in commands if any("distill.py" in x for x in a)]
+    self.assertEqual(_config_of(distill[0])[0].objective.teacher_workdir,
+                     _config_of([])[1])
+
+  def test_an_unusable_workdir_is_one_line_naming_it(self):
+    root = _fresh_dir("usable")
+    a_file = os.path.join(root, "file")
+    open(a_file, "w").close()
+    for workdir, pattern in (("", r"--workdir is empty"),
+                             (a_file, rf"--workdir={re.escape(a_file)} is a file"),
+                             (os.path.join(a_file, "run"), r"is not usable")):
+      with self.assertRaisesRegex(workdir_lib.WorkdirError, pattern) as caught:
+        workdir_lib.check_usable(workdir)
+      self.assertNotIn("\n", str(caught.exception))
+    workdir_lib.check_usable(os.path.join(root, "new", "run"))
+    self.assertTrue(os.path.isdir(os.path.join(root, "new", "run")))
+
+
+# ----------------------------------------------------------------------------
+# The lock.
+
+_RACER = textwrap.dedent("""
+    import json, os, sys, time
+    from latentdiv import workdir
+    root, rounds, core, period = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 0.06
+    # One core each (where there are two) and, where allowed, priority over other
+    # load: the race needs both running at the same instant, which time slices
+    # on a loaded machine would prevent.
+    os.sched_setaffinity(0, {core})
+    try:
+      os.nice(-20)
+    except OSError:
+      pass
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())
+    held, errors = [], []
+    for i in range(rounds):
+      while time.time() < start + i * period:
+        pass  # Spin: both start within microseconds when both are on a core.
+      try:
+        with workdir.lock(os.path.join(root, str(i))):
+          t0 = time.time(); time.sleep(0.02); held.append((i, t0, time.time()))
+      except workdir.WorkdirBusyError:
+        pass
+      except Exception as err:
+        errors.append(f"{i}: {type(err).__name__}: {err}")
+    print(json.dumps(dict(held=held, errors=errors)))
+""")
+
+
+def race_for_stale_locks(root: str, rounds: int, python_path: str = REPO) -> dict:
+  """Two processes try to take the stale lock of each of ``rounds`` workdirs at the same instant.
+
+  Each workdir holds a lock file left by a dead process. Returns the count of
+  rounds where both held the lock at overlapping times, the rounds won and
+  the errors.
+  """
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  for i in range(rounds):
+    os.makedirs(os.path.join(root, str(i)))
+    with open(os.path.join(root, str(i), ".lock"), "w") as f:
+      json.dump(dict(pid=dead.pid, host=socket.gethostname()), f)
+  env = dict(os.environ, PYTHONPATH=python_path)
+  cores = sorted(os.sched_getaffinity(0))
+  procs = [subprocess.Popen([sys.executable, "-c", _RACER, root, str(rounds),
+                             str(cores[i % len(cores)])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=root)
+           for i in range(2)]
+  for proc in procs:  # Both have imported latentdiv: start together.
+    assert proc.stdout.readline().strip() == "ready"
+  start = time.time() + 0.2
+  for proc in procs:
+    proc.stdin.write(f"{start}\n")
+    proc.stdin.flush()
+  outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+  held = {}
+  for out in outs:
+    for i, t0, t1 in out["held"]:
+      held.setdefault(i, []).append((t0, t1))
+  overlaps = sum(1 for spans in held.values() if len(spans) == 2
+                 and max(s[0] for s in spans) < min(s[1] for s in spans))
+  return dict(overlaps=overlaps, won=len(held), errors=outs[0]["errors"] + outs[1]["errors"])
+
+
 class LockTest(parameterized.TestCase):
 
-  def test_a_live_lock_refuses_and_a_stale_lock_is_taken_over(self):
-    workdir = _fresh_dir("lock")
-    lock = os.path.join(workdir, ".lock")
-    config = tiny_config()
-    config.train.num_steps = 2
-    sleeper = subprocess.Popen(["sleep", "60"])
-    self.addCleanup(sleeper.wait)
-    self.addCleanup(sleeper.kill)
-    with open(lock, "w") as f:
-      json.dump(dict(pid=sleeper.pid, host=socket.gethostname()), f)
-    with self.assertRaisesRegex(workdir_lib.WorkdirBusyError,
-                                rf"pid {sleeper.pid} .*{re.escape(lock)}"):
-      experiment.train_and_evaluate(config, workdir)
-    with open(lock, "w") as f:  # A run on another host cannot be checked: refused too.
-      json.dump(dict(pid=1, host="another-host.invalid"), f)
-    with self.assertRaises(workdir_lib.WorkdirBusyError):
-      experiment.train_and_evaluate(config, workdir)
-    self.assertEqual(_checkpoint_steps(workdir), [])  # Refused before doing anything.
+  def test_two_processes_racing_for_stale_locks_never_both_hold_one(self):
+    result = race_for_stale_locks(_fresh_dir("race"), rounds=30)
+    self.assertEqual(result["errors"], [])
+    self.assertEqual(result["overlaps"], 0)
+    self.assertEqual(result["won"], 30)  # Every round someone ran.
 
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    with open(lock, "w") as f:
-      json.dump(dict(pid=dead.pid, host=socket.gethostname()), f)
-    with self.assertLogs(level="WARNING") as logs, contextlib.redirect_stdout(io.StringIO()):
-      summary = experiment.train_and_evaluate(config, workdir)
-    self.assertEqual(summary["steps"], 2)
-    self.assertTrue(any("stale lock" in line for line in logs.output), logs.output)
-    self.assertFalse(os.path.exists(lock))
+  @parameterized.named_parameters(
+      ("pid_1_in_a_container", lambda: dict(pid=1, host=socket.gethostname())),
+      ("this_pid_reused", lambda: dict(pid=os.getpid(), host=socket.gethostname())),
+      ("another_host", lambda: dict(pid=1, host="another-host.invalid")),
+      ("garbage", lambda: "not json"),
+  )
+  def test_a_stale_lock_file_never_blocks(self, make_owner):
+    workdir = _fresh_dir("stale")
+    owner = make_owner()
+    with open(os.path.join(workdir, ".lock"), "w") as f:
+      f.write(owner if isinstance(owner, str) else json.dumps(owner))
+    with workdir_lib.lock(workdir):
+      with open(os.path.join(workdir, ".lock")) as f:
+        self.assertEqual(json.load(f)["pid"], os.getpid())
+
+  def test_a_live_holder_refuses_and_its_death_releases(self):
+    workdir = _fresh_dir("held")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom latentdiv import workdir\n"
+         "with workdir.lock(sys.argv[1]):\n  print('held', flush=True); time.sleep(600)",
+         workdir], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    self.addCleanup(lambda: holder.poll() is None and holder.kill())
+    self.assertEqual(holder.stdout.readline().strip(), "held")
+    with self.assertRaisesRegex(workdir_lib.WorkdirBusyError, rf"pid {holder.pid} on "):
+      experiment.train_and_evaluate(tiny_config(), workdir)
+    self.assertEqual(_checkpoint_steps(workdir), [])  # Refused before doing anything.
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with workdir_lib.lock(workdir):  # The kernel released it.
+      pass
+
+
+# ----------------------------------------------------------------------------
+# The resume rules.
 
 
 class ConfigRecordTest(parameterized.TestCase):
 
-  def test_resume_refuses_a_structural_config_change_and_accepts_others(self):
+  def test_resume_refuses_structural_changes_and_others_unless_accepted(self):
     workdir = _fresh_dir("mismatch")
     config = tiny_config()
     config.train.num_steps = 2
-    with contextlib.redirect_stdout(io.StringIO()):
-      experiment.train_and_evaluate(config, workdir)
+    _quiet(experiment.train_and_evaluate, config, workdir)
     before = _files_under(os.path.join(workdir, "checkpoints"))
+    saved = workdir_lib.read_config_record(workdir)
     changed = tiny_config()
     changed.model.d_model = 32
     with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"model\.d_model: 16 -> 32"):
-      experiment.train_and_evaluate(changed, workdir)
+      experiment.train_and_evaluate(changed, workdir, accept_changes=True)
     changed = tiny_config()
     changed.objective.sequence_term.weight = 0.0
     with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
                                 r"objective\.sequence_term\.weight > 0: True -> False"):
-      experiment.train_and_evaluate(changed, workdir)
+      experiment.train_and_evaluate(changed, workdir, accept_changes=True)
+    # Not structural: refused without the flag, listing every change.
+    config.seed, config.train.num_steps, config.train.log_every = 3, 4, 1
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
+                                r"seed: 0 -> 3; train\.log_every: 5 -> 1; "
+                                r"train\.num_steps: 2 -> 4\. Pass --accept_config_changes"):
+      experiment.train_and_evaluate(config, workdir)
     self.assertEqual(_files_under(os.path.join(workdir, "checkpoints")), before)
-    config.train.num_steps = 4  # Not structural: continues.
-    config.train.log_every = 1
-    with contextlib.redirect_stdout(io.StringIO()):
-      self.assertEqual(experiment.train_and_evaluate(config, workdir)["steps"], 4)
+    self.assertEqual(workdir_lib.read_config_record(workdir), saved)
+    summary, out = _quiet(experiment.train_and_evaluate, config, workdir, accept_changes=True)
+    self.assertEqual(summary["steps"], 4)
+    self.assertIn("changed: seed: 0 -> 3", out)
+    self.assertEqual(workdir_lib.read_config_record(workdir)["seed"], 3)
+    history = workdir_lib.read_history(workdir)
+    self.assertEqual([h["event"] for h in history], ["start", "start"])
+    self.assertEqual(history[0]["config"], saved)
+    self.assertIn("train.num_steps: 2 -> 4", history[1]["changes"])
+
+  def test_num_steps_under_the_cosine_schedule_is_refused(self):
+    workdir = _fresh_dir("cosine")
+    config = tiny_config()
+    config.optim.schedule, config.train.num_steps = "cosine", 2
+    _quiet(experiment.train_and_evaluate, config, workdir)
+    config.train.num_steps = 4
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"cosine learning-rate"):
+      experiment.train_and_evaluate(config, workdir, accept_changes=True)
+
+  def test_without_config_json_the_checkpoints_record_is_used_and_nothing_is_moved(self):
+    workdir = _fresh_dir("no_config_json")
+    config = tiny_config()
+    config.train.num_steps = 4
+    _quiet(experiment.train_and_evaluate, config, workdir)
+    os.remove(os.path.join(workdir, "config.json"))
+    before = _files_under(os.path.join(workdir, "checkpoints"))
+    changed = tiny_config()
+    changed.train.num_steps, changed.model.d_model = 4, 32
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
+                                r"read from the newest checkpoint.*model\.d_model: 16 -> 32"):
+      experiment.train_and_evaluate(changed, workdir, accept_changes=True)
+    self.assertEqual(_files_under(os.path.join(workdir, "checkpoints")), before)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints_unreadable")))
+    _, out = _quiet(experiment.train_and_evaluate, config, workdir)
+    self.assertIn("Resuming from step 4 ", out)
+
+  def test_a_folder_of_another_config_without_checkpoints_is_refused(self):
+    workdir = _fresh_dir("other_config")
+    workdir_lib.record_start(workdir, workdir_lib.config_record(tiny_config()), 0, [])
+    changed = tiny_config()
+    changed.objective.lambda_jsd = 0.5
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
+                                r"refusing to reuse it with: objective\.lambda_jsd: 0\.1 -> 0\.5"):
+      experiment.train_and_evaluate(changed, workdir)
 
   def test_structural_differences_names_every_differing_field(self):
     old = workdir_lib.config_record(tiny_config())
@@ -176,19 +419,15 @@ class ConfigRecordTest(parameterized.TestCase):
     self.assertEqual(workdir_lib.differences(old, diversity.Diversity.structure(renamed)),
                      ["objective.name: 'diversity' -> 'distillation'"])
 
-
-class LogTest(parameterized.TestCase):
-
-  def test_resume_survives_a_partial_log_line(self):
-    workdir = _fresh_dir("partial_log")
-    config = tiny_config()
-    config.train.num_steps = 4
-    with contextlib.redirect_stdout(io.StringIO()):
-      experiment.train_and_evaluate(config, workdir)
-      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 5, "kind": "tra')  # Cut short by a kill.
-      config.train.num_steps = 6
-      self.assertEqual(experiment.train_and_evaluate(config, workdir)["steps"], 6)
+  def test_a_field_an_older_version_lacked_counts_as_its_default(self):
+    workdir = _fresh_dir("older")
+    record = workdir_lib.config_record(tiny_config())
+    del record["train"]["max_nonfinite_steps"]  # Written before the field existed.
+    workdir_lib.record_start(workdir, record, 0, [])
+    defaults = workdir_lib.config_record(tiny_config())
+    self.assertEqual(workdir_lib.check_resume(workdir, workdir_lib.config_record(tiny_config()),
+                                              diversity.Diversity.structure,
+                                              defaults=defaults), [])
 
 
 if __name__ == "__main__":
