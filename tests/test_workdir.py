@@ -33,6 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -272,6 +273,34 @@ class LockTest(parameterized.TestCase):
     self.assertEqual(result["overlaps"], 0)
     self.assertEqual(result["won"], 30)  # Every round someone ran.
 
+  def test_a_lock_taken_while_a_racer_reads_the_stale_one_is_not_stolen(self):
+    # The interleaving that breaks read/check/remove locks, forced: a second
+    # taker acquires the lock just after the first one read the stale owner.
+    workdir = _fresh_dir("interleaved")
+    with open(os.path.join(workdir, ".lock"), "w") as f:
+      json.dump(dict(pid=2**22 + 1, host=socket.gethostname()), f)  # Beyond pid_max.
+    others, real_load = [], json.load
+
+    def load_then_race(*args, **kwargs):
+      out = real_load(*args, **kwargs)
+      if not others:
+        others.append(workdir_lib.lock(workdir))
+        try:
+          others[0].__enter__()
+        except workdir_lib.WorkdirBusyError:
+          others[0] = None
+      return out
+
+    with mock.patch.object(json, "load", load_then_race):
+      try:
+        with workdir_lib.lock(workdir):
+          both = bool(others and others[0] is not None)
+      except workdir_lib.WorkdirBusyError:
+        both = False
+    if others and others[0] is not None:
+      others[0].__exit__(None, None, None)
+    self.assertFalse(both, "two takers held the lock at once")
+
   @parameterized.named_parameters(
       ("pid_1_in_a_container", lambda: dict(pid=1, host=socket.gethostname())),
       ("this_pid_reused", lambda: dict(pid=os.getpid(), host=socket.gethostname())),
@@ -343,40 +372,66 @@ class ConfigRecordTest(parameterized.TestCase):
     self.assertEqual(history[0]["config"], saved)
     self.assertIn("train.num_steps: 2 -> 4", history[1]["changes"])
 
-  def test_num_steps_under_the_cosine_schedule_is_refused(self):
-    workdir = _fresh_dir("cosine")
-    config = tiny_config()
-    config.optim.schedule, config.train.num_steps = "cosine", 2
-    _quiet(experiment.train_and_evaluate, config, workdir)
-    config.train.num_steps = 4
-    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"cosine learning-rate"):
-      experiment.train_and_evaluate(config, workdir, accept_changes=True)
+  def _made(self, record, checkpoint_meta=None, config_json=True):
+    """A workdir whose run had ``record``; a checkpoint directory (step 4) if meta is given."""
+    workdir = _fresh_dir("made")
+    if config_json:
+      workdir_lib.record_start(workdir, record, 0, [])
+    if checkpoint_meta is not None:
+      os.makedirs(os.path.join(workdir, "checkpoints", "4", "meta"))
+      with open(os.path.join(workdir, "checkpoints", "4", "meta", "metadata"), "w") as f:
+        json.dump(checkpoint_meta, f)
+    return workdir
 
-  def test_without_config_json_the_checkpoints_record_is_used_and_nothing_is_moved(self):
-    workdir = _fresh_dir("no_config_json")
+  def _check(self, workdir, config, **kwargs):
+    return workdir_lib.check_resume(workdir, workdir_lib.config_record(config),
+                                    diversity.Diversity.structure, **kwargs)
+
+  def test_num_steps_under_the_cosine_schedule_is_refused(self):
     config = tiny_config()
-    config.train.num_steps = 4
-    _quiet(experiment.train_and_evaluate, config, workdir)
-    os.remove(os.path.join(workdir, "config.json"))
-    before = _files_under(os.path.join(workdir, "checkpoints"))
+    config.optim.schedule = "cosine"
+    workdir = self._made(workdir_lib.config_record(config), checkpoint_meta={})
+    config.train.num_steps = 100
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
+                                r"num_steps changes 60 -> 100 .*cosine learning-rate"):
+      self._check(workdir, config, accept_changes=True)
+    config.optim.schedule = "constant"  # Both changed: still a schedule change.
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"cosine"):
+      self._check(workdir, config, accept_changes=True)
+
+  def test_without_config_json_the_checkpoints_record_is_used(self):
+    record = workdir_lib.config_record(tiny_config())
+    workdir = self._made(record, checkpoint_meta=dict(step=4, config=record), config_json=False)
     changed = tiny_config()
-    changed.train.num_steps, changed.model.d_model = 4, 32
+    changed.model.d_model = 32
     with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
                                 r"read from the newest checkpoint.*model\.d_model: 16 -> 32"):
-      experiment.train_and_evaluate(changed, workdir, accept_changes=True)
-    self.assertEqual(_files_under(os.path.join(workdir, "checkpoints")), before)
-    self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints_unreadable")))
-    _, out = _quiet(experiment.train_and_evaluate, config, workdir)
-    self.assertIn("Resuming from step 4 ", out)
+      self._check(workdir, changed, accept_changes=True)
+    self.assertEqual(self._check(workdir, tiny_config()), [])
 
   def test_a_folder_of_another_config_without_checkpoints_is_refused(self):
-    workdir = _fresh_dir("other_config")
-    workdir_lib.record_start(workdir, workdir_lib.config_record(tiny_config()), 0, [])
+    workdir = self._made(workdir_lib.config_record(tiny_config()))
     changed = tiny_config()
-    changed.objective.lambda_jsd = 0.5
-    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
-                                r"refusing to reuse it with: objective\.lambda_jsd: 0\.1 -> 0\.5"):
-      experiment.train_and_evaluate(changed, workdir)
+    changed.objective.lambda_jsd, changed.model.d_model = 0.5, 32
+    with self.assertRaisesRegex(
+        workdir_lib.ConfigMismatchError,
+        r"refusing to reuse it with: model\.d_model: 16 -> 32; objective\.lambda_jsd: "
+        r"0\.1 -> 0\.5\. Pass --accept_config_changes"):
+      self._check(workdir, changed)
+    # Without checkpoints even the structure may change, if accepted.
+    self.assertLen(self._check(workdir, changed, accept_changes=True), 2)
+
+  def test_a_lower_learning_rate_is_accepted_after_a_nonfinite_stop_only(self):
+    config = tiny_config()
+    workdir = self._made(workdir_lib.config_record(config), checkpoint_meta={})
+    config.optim.learning_rate = 1e-3
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"learning_rate"):
+      self._check(workdir, config)
+    workdir_lib.record_nonfinite_stop(workdir, 9, 4)
+    self.assertEqual(self._check(workdir, config), ["optim.learning_rate: 0.01 -> 0.001"])
+    config.seed = 1  # Anything else still needs the flag.
+    with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"seed: 0 -> 1"):
+      self._check(workdir, config)
 
   def test_structural_differences_names_every_differing_field(self):
     old = workdir_lib.config_record(tiny_config())
