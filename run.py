@@ -97,13 +97,6 @@ def main(argv):
   if _PRINT_CONFIG.value:
     print(cli.describe(config))
     return
-  workdir = _WORKDIR.value
-  if workdir is None:
-    workdir = cli.run_folder(flags.FLAGS["config"].config_filename, _overrides())
-  try:
-    workdir_lib.check_usable(workdir)
-  except workdir_lib.WorkdirError as err:
-    cli.fatal(err)
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
@@ -111,6 +104,13 @@ def main(argv):
     setup, objective = experiment.build(config)  # Validates every field; nothing compiles.
     train.make_data_mesh(config)  # Batch sizes against the devices.
   except ValueError as err:
+    cli.fatal(err)
+  workdir = _WORKDIR.value
+  if workdir is None:
+    workdir = cli.run_folder(flags.FLAGS["config"].config_filename, _overrides())
+  try:
+    workdir_lib.check_usable(workdir)
+  except workdir_lib.WorkdirError as err:
     cli.fatal(err)
   print(f"Run folder: {workdir}", flush=True)
   try:

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import glob
 import io
-import json
 import os
 import shlex
 import shutil
