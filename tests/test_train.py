@@ -63,7 +63,7 @@ class TrainLoopTest(parameterized.TestCase):
 
     # A second run on the same workdir continues from step 30, not from zero.
     config.train.num_steps = 40
-    summary = experiment.train_and_evaluate(config, workdir)
+    summary = experiment.train_and_evaluate(config, workdir, accept_changes=True)
     self.assertEqual(summary["steps"], 40)
     new_steps = [r["step"] for r in _read_log(workdir)][len(log):]
     self.assertEqual(new_steps, [35, 40])
@@ -80,7 +80,7 @@ class TrainLoopTest(parameterized.TestCase):
     config.train.num_steps = 10
     experiment.train_and_evaluate(config, interrupted)
     config.train.num_steps = 20
-    summary_resumed = experiment.train_and_evaluate(config, interrupted)
+    summary_resumed = experiment.train_and_evaluate(config, interrupted, accept_changes=True)
     for key in ("nll", "token_jsd", "validity", "latent_usage"):
       np.testing.assert_allclose(summary_resumed[key], summary_straight[key], rtol=1e-6)
 
