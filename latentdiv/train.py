@@ -21,7 +21,6 @@ picks the objective named by ``config.objective.name`` and calls the one here.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -375,7 +374,7 @@ def train_and_evaluate(setup: Setup, objective: Objective, workdir: str,
   """
   config = setup.config
   mesh = make_data_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_usable(workdir)  # Creates it; WorkdirError (one line) if it cannot.
   with workdir_lib.lock_for_this_process(workdir):
     defaults = dict(workdir_lib.config_record(config_lib.loop_config()),
                     objective=workdir_lib.config_record(objective.default_config()))

@@ -297,11 +297,10 @@ def check_resume(workdir: str, record: dict, structure_of, *, accept_changes: bo
           f"{changes['train.num_steps'][1]} in {workdir!r}: the cosine learning-rate schedule "
           "decays over num_steps, so the steps already taken followed another curve. Use a "
           "new --workdir (or optim.schedule='constant' from the start).")
-    history = read_history(workdir)
-    if (history and history[-1].get("event") == "nonfinite_stop"
-        and set(changes) <= set(RECOVERY_FIELDS)):
-      return [f"{p}: {a!r} -> {b!r}" for p, (a, b) in changes.items()]
-  if not accept_changes:
+  history = read_history(workdir)
+  recovering = (history and history[-1].get("event") == "nonfinite_stop"
+                and set(changes) <= set(RECOVERY_FIELDS))
+  if not (accept_changes or recovering):
     what = "resume" if resumable else "reuse"
     raise ConfigMismatchError(
         f"{workdir!r} holds a run of another config (read from {source}); refusing to {what} "

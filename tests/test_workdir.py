@@ -429,6 +429,9 @@ class ConfigRecordTest(parameterized.TestCase):
       self._check(workdir, config)
     workdir_lib.record_nonfinite_stop(workdir, 9, 4)
     self.assertEqual(self._check(workdir, config), ["optim.learning_rate: 0.01 -> 0.001"])
+    empty = self._made(workdir_lib.config_record(tiny_config()))  # No healthy checkpoint left:
+    workdir_lib.record_nonfinite_stop(empty, 3, None)  # the advised rerun starts afresh.
+    self.assertLen(self._check(empty, config), 1)
     config.seed = 1  # Anything else still needs the flag.
     with self.assertRaisesRegex(workdir_lib.ConfigMismatchError, r"seed: 0 -> 1"):
       self._check(workdir, config)
