@@ -129,14 +129,17 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, *, initial_state, 
   manager = checkpointing.make_manager(ckpt_dir, config.train.keep_checkpoints,
                                        config.train.checkpoint_every)
   log = None
+  # A failed restore or save must not bury its one line under tensorstore's
+  # reports of a closed event loop.
+  quiet = checkpointing.quiet_event_loop_errors()
+  quiet.__enter__()
   # Close the manager and the event writer on every path (errors included):
   # open ones can keep the interpreter from exiting.
   try:
-    with checkpointing.quiet_event_loop_errors():
-      # Restored arrays land directly in the target's layout (each host reads
-      # only its devices' shards); a fresh state is placed the same way, so the
-      # step compiles once for both.
-      restored = checkpointing.restore_latest(manager, restore_target)
+    # Restored arrays land directly in the target's layout (each host reads
+    # only its devices' shards); a fresh state is placed the same way, so the
+    # step compiles once for both.
+    restored = checkpointing.restore_latest(manager, restore_target)
     resumed_at = None
     if restored is not None:
       state, _, resumed_at = restored
@@ -241,6 +244,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, *, initial_state, 
     manager.close()
     if log is not None:
       log.close()
+    quiet.__exit__(None, None, None)
 
 
 def _stop_nonfinite(manager, workdir: str, ckpt_dir: str, config, last: int, streak: int):
