@@ -96,6 +96,8 @@ def main(argv):
   config = _CONFIG.value
   if _PRINT_CONFIG.value:
     print(cli.describe(config))
+    default = cli.run_folder(flags.FLAGS["config"].config_filename, _overrides())
+    print(f"Run folder: {_WORKDIR.value or default}")
     return
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=import-outside-toplevel
