@@ -41,12 +41,6 @@ from absl import app
 from absl import flags
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_REPO = flags.DEFINE_string("repo", _HERE, "The checkout whose run.py and latentdiv are tested.")
-_OUT = flags.DEFINE_string("out", "", "Append one JSON line per fault here.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these faults (names of FAULTS).")
-_RACES = flags.DEFINE_integer("races", 100, "Rounds of the two-process lock race.")
-_CYCLES = flags.DEFINE_integer("cycles", 10, "SIGKILL/resume cycles.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random kill times.")
 
 _RACER = textwrap.dedent("""
     import json, os, sys, time
@@ -119,8 +113,10 @@ def race_for_stale_locks(root: str, rounds: int, python_path: str) -> dict:
 class Checkout:
   """``run.py`` of ``repo`` in scratch directories, with a shared compilation cache."""
 
-  def __init__(self, repo: str, scratch: str):
+  def __init__(self, repo: str, scratch: str, races: int = 100, cycles: int = 10,
+               seed: int = 0):
     self.repo, self.scratch = os.path.abspath(repo), scratch
+    self.races, self.cycles, self.seed = races, cycles, seed
     self.tiny = os.path.join(self.repo, "tests", "configs", "tiny.py")
     self.env = dict(os.environ, PYTHONPATH=self.repo, PYTHONUNBUFFERED="1",
                     JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, "jax_cache"),
@@ -233,7 +229,7 @@ def _unprivileged():
 
 
 def lock_race(co: Checkout) -> dict:
-  return race_for_stale_locks(co.workdir("race"), _RACES.value, co.repo)
+  return race_for_stale_locks(co.workdir("race"), co.races, co.repo)
 
 
 def stale_lock(co: Checkout) -> dict:
@@ -252,13 +248,13 @@ def stale_lock(co: Checkout) -> dict:
 
 def kill_cycles(co: Checkout) -> dict:
   """Random SIGKILLs (half the instant a new checkpoint appears), resumes, then the finish."""
-  rng = random.Random(_SEED.value)
+  rng = random.Random(co.seed)
   workdir = co.workdir("cycles")
   num_steps, log_every = 400, 5
   args = [f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
           f"--config.train.log_every={log_every}", "--config.train.checkpoint_every=3"]
   kills = []
-  for cycle in range(_CYCLES.value):
+  for cycle in range(co.cycles):
     before = _steps(workdir)
     proc, out = co.start(args, os.path.join(co.scratch, f"cycle{cycle}.log"))
     at_checkpoint = cycle % 2 == 0
@@ -459,22 +455,30 @@ FAULTS = {
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   scratch = tempfile.mkdtemp(prefix="fault_matrix_")
-  co = Checkout(_REPO.value, scratch)
+  co = Checkout(f.repo, scratch, f.races, f.cycles, f.seed)
   try:
     for name, fault in FAULTS.items():
-      if _ONLY.value and name not in _ONLY.value:
+      if f.only and name not in f.only:
         continue
       start = time.time()
       record = dict(fault=name, repo=co.repo, **fault(co), seconds=round(time.time() - start))
       line = json.dumps(record)
       print(line, flush=True)
-      if _OUT.value:
-        with open(_OUT.value, "a") as f:
-          f.write(line + "\n")
+      if f.out:
+        with open(f.out, "a") as out:
+          out.write(line + "\n")
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
+  # Flags only when run: tests import race_for_stale_locks without them.
+  flags.DEFINE_string("repo", _HERE, "The checkout whose run.py and latentdiv are tested.")
+  flags.DEFINE_string("out", "", "Append one JSON line per fault here.")
+  flags.DEFINE_list("only", [], "Run only these faults (names of FAULTS).")
+  flags.DEFINE_integer("races", 100, "Rounds of the two-process lock race.")
+  flags.DEFINE_integer("cycles", 10, "SIGKILL/resume cycles.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random kill times.")
   app.run(main)

@@ -31,8 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from unittest import mock
 
 from absl.testing import absltest
@@ -46,6 +44,9 @@ from latentdiv import workdir as workdir_lib
 from latentdiv.objectives import diversity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from experiments.fault_matrix import race_for_stale_locks  # noqa: E402  (the measuring tool)
 TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
 
 _MODULE = {}
@@ -200,75 +201,10 @@ class NameTest(parameterized.TestCase):
 # ----------------------------------------------------------------------------
 # The lock.
 
-_RACER = textwrap.dedent("""
-    import json, os, sys, time
-    from latentdiv import workdir
-    root, rounds, core, period = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 0.06
-    # One core each (where there are two) and, where allowed, priority over other
-    # load: the race needs both running at the same instant, which time slices
-    # on a loaded machine would prevent.
-    os.sched_setaffinity(0, {core})
-    try:
-      os.nice(-20)
-    except OSError:
-      pass
-    print("ready", flush=True)
-    start = float(sys.stdin.readline())
-    held, errors = [], []
-    for i in range(rounds):
-      while time.time() < start + i * period:
-        pass  # Spin: both start within microseconds when both are on a core.
-      try:
-        with workdir.lock(os.path.join(root, str(i))):
-          t0 = time.time(); time.sleep(0.02); held.append((i, t0, time.time()))
-      except workdir.WorkdirBusyError:
-        pass
-      except Exception as err:
-        errors.append(f"{i}: {type(err).__name__}: {err}")
-    print(json.dumps(dict(held=held, errors=errors)))
-""")
-
-
-def race_for_stale_locks(root: str, rounds: int, python_path: str = REPO) -> dict:
-  """Two processes try to take the stale lock of each of ``rounds`` workdirs at the same instant.
-
-  Each workdir holds a lock file left by a dead process. Returns the count of
-  rounds where both held the lock at overlapping times, the rounds won and
-  the errors.
-  """
-  dead = subprocess.Popen(["true"])
-  dead.wait()
-  for i in range(rounds):
-    os.makedirs(os.path.join(root, str(i)))
-    with open(os.path.join(root, str(i), ".lock"), "w") as f:
-      json.dump(dict(pid=dead.pid, host=socket.gethostname()), f)
-  env = dict(os.environ, PYTHONPATH=python_path)
-  cores = sorted(os.sched_getaffinity(0))
-  procs = [subprocess.Popen([sys.executable, "-c", _RACER, root, str(rounds),
-                             str(cores[i % len(cores)])],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=root)
-           for i in range(2)]
-  for proc in procs:  # Both have imported latentdiv: start together.
-    assert proc.stdout.readline().strip() == "ready"
-  start = time.time() + 0.2
-  for proc in procs:
-    proc.stdin.write(f"{start}\n")
-    proc.stdin.flush()
-  outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
-  held = {}
-  for out in outs:
-    for i, t0, t1 in out["held"]:
-      held.setdefault(i, []).append((t0, t1))
-  overlaps = sum(1 for spans in held.values() if len(spans) == 2
-                 and max(s[0] for s in spans) < min(s[1] for s in spans))
-  return dict(overlaps=overlaps, won=len(held), errors=outs[0]["errors"] + outs[1]["errors"])
-
-
 class LockTest(parameterized.TestCase):
 
   def test_two_processes_racing_for_stale_locks_never_both_hold_one(self):
-    result = race_for_stale_locks(_fresh_dir("race"), rounds=30)
+    result = race_for_stale_locks(_fresh_dir("race"), rounds=30, python_path=REPO)
     self.assertEqual(result["errors"], [])
     self.assertEqual(result["overlaps"], 0)
     self.assertEqual(result["won"], 30)  # Every round someone ran.
