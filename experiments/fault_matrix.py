@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -438,6 +439,60 @@ def noise_and_exit_codes(co: Checkout) -> dict:
   return out
 
 
+def readme_commands(repo: str) -> list[list[str]]:
+  """Every ``python run.py ...`` command of the README's code blocks (but ``--help``), in order."""
+  with open(os.path.join(repo, "README.md")) as f:
+    blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+  commands = []
+  for block in blocks:
+    for line in block.splitlines():
+      for part in line.split("&&"):
+        words = shlex.split(part.split("#")[0])
+        if (words[:2] == ["python", "run.py"] and "--help" not in words
+            and "--print_config" not in words):
+          commands.append(words[2:])
+  return commands
+
+
+def readme_in_order(co: Checkout) -> dict:
+  """The README's commands, in order, in a fresh copy with no workdir: which resumed another's run.
+
+  Each command runs until its first checkpoint (its run exists), then gets
+  SIGTERM; on a fresh copy no command may resume anything.
+  """
+  fresh = os.path.join(co.scratch, "fresh_clone")
+  shutil.copytree(co.repo, fresh, ignore=shutil.ignore_patterns("workdir", ".git", "__pycache__"))
+  env = dict(co.env, PYTHONPATH=fresh)
+  runs = []
+  for args in readme_commands(fresh):
+    before = set(glob.glob(os.path.join(fresh, "workdir", "**", "checkpoints", "*"),
+                           recursive=True))
+    log = open(os.path.join(co.scratch, "readme.log"), "w+")
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=fresh, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 1800
+    while proc.poll() is None and time.time() < deadline:
+      now = set(glob.glob(os.path.join(fresh, "workdir", "**", "checkpoints", "*"),
+                          recursive=True))
+      if now - before:
+        break
+      time.sleep(0.2)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=900)
+    log.seek(0)
+    text = log.read()
+    log.close()
+    folders = sorted({os.path.relpath(p.split(os.sep + "checkpoints")[0], fresh)
+                      for p in set(glob.glob(os.path.join(fresh, "workdir", "**", "checkpoints",
+                                                          "*"), recursive=True)) - before})
+    runs.append(dict(command=" ".join(args), rc=proc.returncode, folder=folders,
+                     resumed="Resuming from step" in text,
+                     refused="holds a run of another config" in text))
+  return dict(commands=len(runs), resumed_another=sum(r["resumed"] for r in runs),
+              refused=sum(r["refused"] for r in runs), runs=runs)
+
+
 FAULTS = {
     "lock_race": lock_race,
     "stale_lock": stale_lock,
@@ -450,6 +505,7 @@ FAULTS = {
     "bit_flip": bit_flip,
     "bad_inputs": bad_inputs,
     "noise_and_exit_codes": noise_and_exit_codes,
+    "readme_in_order": readme_in_order,
 }
 
 

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -46,7 +45,7 @@ from latentdiv.objectives import diversity
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-from experiments.fault_matrix import race_for_stale_locks  # noqa: E402  (the measuring tool)
+from experiments.fault_matrix import race_for_stale_locks, readme_commands  # noqa: E402,E501
 TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
 
 _MODULE = {}
@@ -104,20 +103,6 @@ def _quiet(fn, *args, **kwargs):
 # Names.
 
 
-def _readme_commands():
-  """Every ``python run.py ...`` command in README.md's code blocks, as argument lists."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
-  commands = []
-  for block in blocks:
-    for line in block.splitlines():
-      for part in line.split("&&"):
-        words = shlex.split(part.split("#")[0])
-        if words[:2] == ["python", "run.py"] and "--help" not in words:
-          commands.append(words[2:])
-  return commands
-
-
 def _config_of(args):
   """(config, default run folder or --workdir) of run.py's arguments, as run.py builds them."""
   spec, overrides, workdir = os.path.join(REPO, "experiments/configs/default.py"), {}, None
@@ -168,7 +153,7 @@ class NameTest(parameterized.TestCase):
     self.assertNotEqual(name, workdir_lib.default_name("default.py", dict(long, extra=1)))
 
   def test_the_readme_commands_never_share_a_folder_of_another_config(self):
-    commands = _readme_commands()
+    commands = readme_commands(REPO)
     self.assertGreaterEqual(len(commands), 5)
     seen = {}
     for args in commands:
