@@ -1,4 +1,4 @@
-"""Reliability (issue 6): bad input, killed runs, damaged checkpoints, NaNs, determinism.
+"""Reliability: bad input, killed runs, damaged checkpoints, NaNs, determinism (DESIGN.md §11).
 
 Every test injects a fault and checks what the library does with it:
 
@@ -6,14 +6,18 @@ Every test injects a fault and checks what the library does with it:
   rejected with a ``ValueError`` naming the field and its value, before
   anything compiles; an independent oracle (``expected_invalid_fields``)
   decides which is right;
-* ``run.py`` with unknown fields, wrong types and invalid values;
-* ``run.py`` killed with SIGKILL, then SIGTERM, then resumed, against an
-  uninterrupted run of the same config and seed;
-* corrupt, partial and truncated checkpoints (a busy and a stale workdir
-  lock, a structural config change on resume and a cut log line: the rules
-  of ``latentdiv/workdir.py``, tested in ``tests/test_workdir.py``);
-* NaN parameters (one step, and a whole run), logits of ±1e4 on the smallest
-  shapes;
+* ``run.py`` with unknown fields, wrong types, invalid or overflowing values,
+  broken config files and unusable workdirs: one stderr line, exit 2;
+* ``run.py`` killed with SIGKILL the moment a checkpoint exists, then
+  SIGTERM (exit 143), then resumed, against an uninterrupted run of the same
+  config and seed: the same state, and every row of ``metrics.jsonl`` and
+  TensorBoard exactly once; a run dying as its checkpoint completes;
+* corrupt, partial and truncated checkpoints (the lock, the resume rules and
+  checksums: ``tests/test_workdir.py``, ``tests/test_checkpointing.py``);
+  a train step that cannot fit the device's memory;
+* NaN parameters (one step, and a whole run), a learning rate that overflows
+  the parameters and the advised rerun with a lower one, logits of ±1e4 on
+  the smallest shapes;
 * the same config and seed run twice.
 
 Runs in this file share a persistent compilation cache (a temporary directory,
