@@ -34,6 +34,7 @@ from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -260,6 +261,7 @@ class LockTest(parameterized.TestCase):
 
 class ConfigRecordTest(parameterized.TestCase):
 
+  @pytest.mark.slow
   def test_resume_refuses_structural_changes_and_others_unless_accepted(self):
     workdir = _fresh_dir("mismatch")
     config = tiny_config()
