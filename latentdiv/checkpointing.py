@@ -267,6 +267,9 @@ def set_aside(manager: ocp.CheckpointManager, step: int, where: str) -> str:
   """
   source = _step_dir(manager, step)
   target_dir = _aside_dir(manager, where)
+  if not os.path.lexists(source):  # Another host of the run moved it first.
+    manager.reload()
+    return os.path.join(target_dir, str(step))
   try:
     os.makedirs(target_dir, exist_ok=True)
     target = _free_name(target_dir, str(step))
