@@ -149,5 +149,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-  with checkpointing.quiet_event_loop_errors():
+  with checkpointing.quiet_failure_reports():
     app.run(main, flags_parser=_parse_flags)

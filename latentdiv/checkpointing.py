@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging as pylogging
 import os
 import sys
 from typing import Any
@@ -373,18 +374,31 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
   return restored["state"]["params"]
 
 
-@contextlib.contextmanager
-def quiet_event_loop_errors():
-  """Drops tensorstore's "Event loop is closed" reports while active.
+class _DropThreadReports(pylogging.Filter):
+  """Drops Orbax's report of an exception in one of its I/O threads (it re-raises it to the caller)."""
 
-  After a failed restore or save, Orbax closes its asyncio event loop while
-  tensorstore's I/O threads still complete the futures of the abandoned
-  reads; each completion reports ``RuntimeError('Event loop is closed')``
-  through ``sys.unraisablehook`` (hundreds of tracebacks that bury the one
-  useful warning). They are harmless: nothing waits on those futures. Every
-  other unraisable exception still goes to the previous hook.
+  def filter(self, record):
+    return not (record.pathname.endswith(os.path.join("futures", "future.py"))
+                and "raised an exception" in record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_failure_reports():
+  """Keeps a failed restore or save to the one line its caller reports, while active.
+
+  * After a failed restore or save, Orbax closes its asyncio event loop while
+    tensorstore's I/O threads still complete the futures of the abandoned
+    operations; each completion reports ``RuntimeError('Event loop is
+    closed')`` through ``sys.unraisablehook`` (hundreds of tracebacks that
+    bury the useful line). Nothing waits on those futures: they are dropped.
+  * A failed save is also logged, with its traceback, by every Orbax thread
+    it went through, before the same error reaches ``save`` (which raises it
+    as one ``CheckpointError`` line): those reports are dropped.
+
+  Every other unraisable exception and log record goes through as before.
   """
   previous = sys.unraisablehook
+  thread_reports = _DropThreadReports()
 
   def hook(unraisable):
     if (isinstance(unraisable.exc_value, RuntimeError)
@@ -393,7 +407,9 @@ def quiet_event_loop_errors():
     previous(unraisable)
 
   sys.unraisablehook = hook
+  pylogging.getLogger("absl").addFilter(thread_reports)
   try:
     yield
   finally:
     sys.unraisablehook = previous
+    pylogging.getLogger("absl").removeFilter(thread_reports)

@@ -131,7 +131,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, *, initial_state, 
   log = None
   # A failed restore or save must not bury its one line under tensorstore's
   # reports of a closed event loop.
-  quiet = checkpointing.quiet_event_loop_errors()
+  quiet = checkpointing.quiet_failure_reports()
   quiet.__enter__()
   # Close the manager and the event writer on every path (errors included):
   # open ones can keep the interpreter from exiting.

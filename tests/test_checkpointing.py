@@ -10,6 +10,7 @@ tensorstore's "Event loop is closed" reports are dropped, nothing else.
 import contextlib
 import errno
 import glob
+import logging
 import io
 import os
 import shlex
@@ -165,13 +166,52 @@ class QuietEventLoopTest(absltest.TestCase):
     seen = []
     record = seen.append
     with mock.patch.object(sys, "unraisablehook", record):
-      with checkpointing.quiet_event_loop_errors():
+      with checkpointing.quiet_failure_reports():
         for err in (RuntimeError("Event loop is closed"), RuntimeError("something else"),
                     ValueError("Event loop is closed")):
           sys.unraisablehook(types.SimpleNamespace(exc_value=err))
       self.assertIs(sys.unraisablehook, record)  # Restored.
     self.assertEqual([str(u.exc_value) for u in seen], ["something else", "Event loop is closed"])
     self.assertIsInstance(seen[1].exc_value, ValueError)
+
+  def test_orbax_thread_reports_of_a_failed_save_are_dropped_and_nothing_else(self):
+    absl_logger = logging.getLogger("absl")
+    orbax_future = os.path.join("orbax", "checkpoint", "_src", "futures", "future.py")
+
+    def record(path, message):
+      return logging.LogRecord("absl", logging.ERROR, path, 387, message, (), None)
+
+    with checkpointing.quiet_failure_reports():
+      self.assertFalse(absl_logger.filter(record(
+          orbax_future, "_SignalingThread.run() raised an exception: OUT_OF_RANGE")))
+      self.assertTrue(absl_logger.filter(record(orbax_future, "something else")))
+      self.assertTrue(absl_logger.filter(record("mine.py", "raised an exception")))
+    self.assertTrue(absl_logger.filter(record(
+        orbax_future, "_SignalingThread.run() raised an exception")))  # Removed again.
+
+  def test_a_save_failing_for_space_is_one_line_from_run_py(self):
+    # A file-size limit (Python ignores SIGXFSZ, so writes fail with EFBIG as
+    # on a full disk) that the checkpoint's array data exceeds.
+    if not shutil.which("prlimit"):
+      self.skipTest("no prlimit")
+    script = textwrap.dedent("""
+        import jax
+        from latentdiv import checkpointing
+        manager = checkpointing.make_manager(__import__("sys").argv[1], 5, 1)
+        with checkpointing.quiet_failure_reports():
+          try:
+            w = jax.random.normal(jax.random.PRNGKey(0), (65536,))  # Incompressible.
+            checkpointing.save(manager, 1, dict(w=w), {}, force=True)
+          except checkpointing.CheckpointError as err:
+            print("CheckpointError", err)
+    """)
+    directory = os.path.join(tempfile.mkdtemp(), "checkpoints")
+    proc = subprocess.run(["prlimit", "--fsize=16384", "--", sys.executable, "-c", script,
+                           directory], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    self.assertIn("CheckpointError Could not save the checkpoint at step 1", proc.stdout)
+    self.assertNotIn("Traceback", proc.stderr)
+    self.assertNotIn("Event loop is closed", proc.stderr)
 
 
 if __name__ == "__main__":
