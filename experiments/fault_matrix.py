@@ -136,8 +136,12 @@ class Checkout:
     if wrap:
       command = wrap + ["exec " + shlex.join(command)]
     start = time.time()
-    proc = subprocess.run(command, capture_output=True, text=True, env=self.env,
-                          cwd=self.scratch, timeout=timeout)
+    try:
+      proc = subprocess.run(command, capture_output=True, text=True, env=self.env,
+                            cwd=self.scratch, timeout=timeout)
+    except subprocess.TimeoutExpired as err:  # Accepted and still running: killed.
+      return dict(rc=None, out=err.stdout or "", err=err.stderr or "",
+                  seconds=round(time.time() - start, 1), timed_out=True)
     return dict(rc=proc.returncode, out=proc.stdout, err=proc.stderr,
                 seconds=round(time.time() - start, 1))
 
@@ -199,8 +203,11 @@ def _lost_and_repeated(found, expected):
 
 
 def _one_line(result) -> dict:
+  err = result["err"] if isinstance(result["err"], str) else result["err"].decode()
+  out = result["out"] if isinstance(result["out"], str) else result["out"].decode()
+  result = dict(result, err=err, out=out)
   lines = [line for line in result["err"].splitlines() if line.strip()]
-  return dict(rc=result["rc"], stderr_lines=len(lines),
+  return dict(rc=result["rc"], stderr_lines=len(lines), timed_out=result.get("timed_out", False),
               traceback="Traceback" in result["err"] + result["out"],
               first=lines[0][:160] if lines else "")
 
@@ -384,7 +391,9 @@ def bad_inputs(co: Checkout) -> dict:
       "workdir_empty": (["--workdir=", "--config.train.num_steps=2"], None),
       "workdir_a_file": ([f"--workdir={a_file}", "--config.train.num_steps=2"], None),
   })
-  results = {name: _one_line(co.run(args, config)) for name, (args, config) in cases.items()}
+  # An accepted input trains on: stopped after 5 minutes (rc None, timed_out).
+  results = {name: _one_line(co.run(args, config, timeout=300))
+             for name, (args, config) in cases.items()}
   wrap = _unprivileged()
   if wrap is not False:
     locked = os.path.join(root, "read_only")
@@ -397,7 +406,7 @@ def bad_inputs(co: Checkout) -> dict:
   # that starts training fails inside XLA instead of exhausting the machine.
   big = co.run([f"--workdir={root}/big", "--config.train.batch_size=1048576",
                 "--config.train.num_steps=2"],
-               wrap=["prlimit", "--as=6000000000", "--", "bash", "-c"])
+               wrap=["prlimit", "--as=6000000000", "--", "bash", "-c"], timeout=1200)
   results["batch_too_big"] = dict(_one_line(big), seconds=big["seconds"])
   clean = sum(1 for r in results.values()
               if r["rc"] not in (0, None) and r["stderr_lines"] == 1 and not r["traceback"])
