@@ -498,8 +498,23 @@ def readme_in_order(co: Checkout) -> dict:
     runs.append(dict(command=" ".join(args), rc=proc.returncode, folder=folders,
                      resumed="Resuming from step" in text,
                      refused="holds a run of another config" in text))
-  return dict(commands=len(runs), resumed_another=sum(r["resumed"] for r in runs),
+  return dict(commands=len(runs), resumed_another=collisions(runs),
               refused=sum(r["refused"] for r in runs), runs=runs)
+
+
+def collisions(runs: list[dict]) -> int:
+  """Runs that resumed (or wrote into) a folder another command created.
+
+  The README repeats some commands on purpose (``python run.py`` trains the
+  teacher that ``distill.py`` reads): a command resuming its own folder is
+  not a collision.
+  """
+  creator, count = {}, 0
+  for run in runs:
+    for folder in run["folder"]:
+      if creator.setdefault(folder, run["command"]) != run["command"]:
+        count += 1
+  return count
 
 
 FAULTS = {
