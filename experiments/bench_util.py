@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentdiv import memory
 from latentdiv import model as model_lib
 from latentdiv import sampling
 
@@ -163,16 +164,9 @@ def xla_flops(compiled) -> float:
   return float((analysis or {}).get("flops", float("nan")))
 
 
-def peak_memory_bytes(compiled) -> int | None:
-  """Arguments + outputs + temporaries − aliased bytes of XLA's buffer assignment."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+# Arguments + outputs + temporaries − aliased bytes of XLA's buffer assignment
+# (the figure the loop checks against the device before training).
+peak_memory_bytes = memory.peak_bytes
 
 
 # ---------------------------------------------------------------- FLOPs

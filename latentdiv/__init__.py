@@ -26,10 +26,16 @@ Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
   ``latentdiv.loop``
 * ``latentdiv.experiment`` — ``train_and_evaluate(config, workdir)`` and
   ``load(workdir)``, what ``run.py`` and users call
+* ``latentdiv.loop`` / ``latentdiv.workdir`` / ``latentdiv.checkpointing`` /
+  ``latentdiv.runlog`` / ``latentdiv.memory`` / ``latentdiv.cli`` — the host
+  loop and what makes runs reliable: run folders, the lock and the resume
+  rules, checksummed checkpoints, the metrics log, the memory check, the
+  command line's config files (§11)
 """
 
 from latentdiv import baselines
 from latentdiv import checkpointing
+from latentdiv import cli
 from latentdiv import config
 from latentdiv import divergences
 from latentdiv import edits
@@ -37,6 +43,7 @@ from latentdiv import estimators
 from latentdiv import experiment
 from latentdiv import logprobs
 from latentdiv import loop
+from latentdiv import memory
 from latentdiv import metrics
 from latentdiv import model
 from latentdiv import objectives
@@ -45,6 +52,7 @@ from latentdiv import oracle
 from latentdiv import payoff
 from latentdiv import raml
 from latentdiv import reconstruction
+from latentdiv import runlog
 from latentdiv import sampling
 from latentdiv import sequence_term
 from latentdiv import sharding

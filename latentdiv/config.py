@@ -89,6 +89,43 @@ def loop_config() -> ml_collections.ConfigDict:
   return c
 
 
+# What each field of loop_config means (run.py --print_config shows it beside
+# the value and the default; tests/test_config.py checks every field has one).
+FIELD_HELP = {
+    "seed": "random seed: parameters, data order and sampling (an int32)",
+    "task.name": f"the synthetic task, one of {tasks.TASKS}",
+    "task.prompt_len": "prompt length P (transduction: the longest input)",
+    "task.alphabet_size": "content symbols A; the vocabulary is A + 3 (PAD, BOS, EOS)",
+    "task.num_strategies": "hidden strategies S the data mixes",
+    "task.num_divergent": "late_divergence: the last tokens where the strategies differ",
+    "task.variant": "late_divergence: 'shift' (offsets) or 'permute' (same tokens, another order)",
+    "task.shift": "early/late 'shift': strategy s adds s*shift (mod A)",
+    "task.min_len": "transduction: shortest input (lengths uniform in [min_len, prompt_len])",
+    "task.transform": f"transduction: the map from input to output, one of {tasks.TRANSFORMS}",
+    "model.num_latents": "K, the number of latent values z",
+    "model.d_model": "Transformer width",
+    "model.num_heads": "attention heads (must divide d_model)",
+    "model.num_layers": "Transformer blocks",
+    "model.d_ff": "MLP hidden width",
+    "model.dtype": "compute dtype, 'float32' or 'bfloat16' (parameters stay float32)",
+    "optim.learning_rate": "AdamW peak learning rate (logged as train/learning_rate)",
+    "optim.schedule": "'cosine' (decays to 0.1x over train.num_steps) or 'constant'",
+    "optim.warmup_steps": "linear warmup from 0 over this many steps",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.grad_clip_norm": "clip the gradient's global norm to this (0: no clipping)",
+    "train.batch_size": "examples per step, over all devices (divisible by their number)",
+    "train.num_steps": "total train steps (the cosine schedule's horizon)",
+    "train.log_every": "steps between progress lines and metrics.jsonl / TensorBoard rows",
+    "train.eval_every": "steps between evaluations (and always at the end)",
+    "train.checkpoint_every": "steps between checkpoints (and always at the end)",
+    "train.keep_checkpoints": "how many of the newest checkpoints to keep",
+    "train.max_nonfinite_steps": "stop after this many consecutive non-finite steps",
+    "train.fsdp": "shard large parameter arrays over the devices (else replicate them)",
+    "eval.batch_size": "evaluation examples (a fixed set; divisible by the devices)",
+    "eval.greedy": "evaluate greedy decodes instead of samples at temperature 1",
+}
+
+
 # ---------------------------------------------------------------------------
 # Validation helpers (used by the loop and by every objective's section).
 
@@ -103,10 +140,20 @@ def get(config, path):
   return node
 
 
+INT32_MAX = 2**31 - 1  # Counts and sizes enter the compiled programs as int32.
+
+
+def _at_most_int32(path, value):
+  if value > INT32_MAX:
+    raise ValueError(f"config.{path} must be at most 2**31 - 1 = {INT32_MAX} (it is used as "
+                     f"an int32), got {value!r}.")
+
+
 def positive_int(config, path):
   value = get(config, path)
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ValueError(f"config.{path} must be a positive integer, got {value!r}.")
+  _at_most_int32(path, value)
 
 
 def non_negative(config, path, kind=(int, float)):
@@ -114,6 +161,8 @@ def non_negative(config, path, kind=(int, float)):
   if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
       or value < 0):
     raise ValueError(f"config.{path} must be a non-negative number (finite), got {value!r}.")
+  if isinstance(value, int):
+    _at_most_int32(path, value)
 
 
 def finite_number(config, path):
@@ -193,8 +242,10 @@ def validate_loop(config: ml_collections.ConfigDict) -> None:
   for path in ("eval.greedy", "train.fsdp"):
     boolean(config, path)
   finite_number(config, "optim.learning_rate")
-  if not isinstance(config.seed, int) or isinstance(config.seed, bool):
-    raise ValueError(f"config.seed must be an integer, got {config.seed!r}.")
+  if (not isinstance(config.seed, int) or isinstance(config.seed, bool)
+      or not -INT32_MAX - 1 <= config.seed <= INT32_MAX):
+    raise ValueError(f"config.seed must be an integer in [-2**31, 2**31 - 1] (an int32), "
+                     f"got {config.seed!r}.")
   if not config.optim.learning_rate > 0:
     raise ValueError(
         f"config.optim.learning_rate must be a positive number, got "

@@ -34,13 +34,16 @@ def build(config: ml_collections.ConfigDict) -> tuple[train.Setup, train.Objecti
   return setup, objectives.get(config.objective.name)(setup)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       accept_changes: bool = False) -> dict:
   """Trains the configured objective in ``workdir`` (resuming it), evaluates, returns the summary.
 
-  See ``train.train_and_evaluate`` for what is written and the reliability rules.
+  See ``train.train_and_evaluate`` for what is written and the reliability
+  rules (``accept_changes``: continue a run whose config changed in
+  non-structural fields).
   """
   setup, objective = build(config)
-  return train.train_and_evaluate(setup, objective, workdir)
+  return train.train_and_evaluate(setup, objective, workdir, accept_changes=accept_changes)
 
 
 class Loaded(NamedTuple):

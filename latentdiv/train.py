@@ -21,7 +21,6 @@ picks the objective named by ``config.objective.name`` and calls the one here.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from latentdiv import config as config_lib
 from latentdiv import loop
 from latentdiv import model as model_lib
 from latentdiv import sharding
@@ -169,19 +169,23 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(config, task, model_lib.LatentTransformer(model_config), make_optimizer(config))
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warmup then constant or cosine decay, after global-norm clipping."""
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate after ``count`` applied updates: linear warmup, then constant or cosine."""
   o = config.optim
   steps = config.train.num_steps
   if o.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, o.learning_rate, o.warmup_steps, max(steps, o.warmup_steps + 1),
         end_value=0.1 * o.learning_rate)
-  else:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
-         optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
-  chain = [optax.adamw(schedule, weight_decay=o.weight_decay)]
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
+       optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with ``make_schedule``'s learning rate, after global-norm clipping."""
+  o = config.optim
+  chain = [optax.adamw(make_schedule(config), weight_decay=o.weight_decay)]
   if o.grad_clip_norm > 0:
     chain.insert(0, optax.clip_by_global_norm(o.grad_clip_norm))
   return optax.chain(*chain)
@@ -248,6 +252,9 @@ def make_train_step(setup: Setup, objective: Objective, mesh: jax.sharding.Mesh 
                     frozen: Any = ()) -> BoundJit:
   """The jitted ``train_step(state) -> (state, metrics)``: grad → Optax update → non-finite guard.
 
+  ``metrics`` holds the objective's, ``grad_norm``, ``learning_rate`` (the
+  rate of this step's update) and ``nonfinite_steps`` (the run's total).
+
   Args:
     setup: from ``build_setup``.
     objective: supplies ``loss(params, frozen, extra, batch, key, step)``.
@@ -263,6 +270,7 @@ def make_train_step(setup: Setup, objective: Objective, mesh: jax.sharding.Mesh 
     A ``BoundJit`` (``.lower(state)`` gives the program).
   """
   config = setup.config
+  schedule = make_schedule(config)
 
   def train_step(state: TrainState, dkey: jax.Array, frozen):
     batch = setup.task.sample(jax.random.fold_in(dkey, state.step), config.train.batch_size)
@@ -275,6 +283,8 @@ def make_train_step(setup: Setup, objective: Objective, mesh: jax.sharding.Mesh 
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux["grad_norm"] = optax.global_norm(grads)
+    # The rate this step's update used: Optax counts applied updates only.
+    aux["learning_rate"] = schedule(state.step - state.nonfinite_total)
     # A non-finite loss or gradient skips the update: params, optimiser and
     # estimator state stay as they were (optax.apply_if_finite checks only the
     # gradients and eventually applies them anyway; we stop the run instead).
@@ -316,31 +326,61 @@ def make_data_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
-def train_and_evaluate(setup: Setup, objective: Objective, workdir: str) -> dict:
+def _duration(seconds: float) -> str:
+  """``'1h02m'``, ``'3m05s'`` or ``'42s'``."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_line(at: int, num_steps: int, objective_part: str, rate: float) -> str:
+  """``step 50/1000 (5%)  <objective's quantities>  12.3 steps/s  ETA 1m17s``."""
+  eta = _duration((num_steps - at) / rate) if rate > 0 and at < num_steps else "0s"
+  return (f"step {at:6d}/{num_steps} ({100 * at / num_steps:3.0f}%)  {objective_part}  "
+          f"{rate:.1f} steps/s  ETA {eta}")
+
+
+def train_and_evaluate(setup: Setup, objective: Objective, workdir: str,
+                       accept_changes: bool = False) -> dict:
   """Trains ``objective`` (resuming from ``workdir``), evaluates, writes ``summary.json``.
 
-  Writes to ``workdir``: ``checkpoints/`` (Orbax), TensorBoard event files,
-  ``config.json``, ``metrics.jsonl`` (one line per log step and evaluation)
-  and ``summary.json`` (``objective.summary``).
+  Writes to ``workdir``: ``checkpoints/`` (Orbax, with checksums),
+  TensorBoard event files, ``config.json`` and ``config_history.jsonl``,
+  ``metrics.jsonl`` (one line per log step and evaluation) and
+  ``summary.json`` (``objective.summary``).
 
-  Reliability: a second run on a busy workdir is refused
-  (``workdir.WorkdirBusyError``); a resume whose config changes the state's
-  structure is refused with the differing fields named before anything is
-  restored or loaded; an unreadable newest checkpoint is reported and an
-  older one used; SIGTERM and SIGINT save a checkpoint and raise
-  ``Interrupted``; a step with a non-finite loss or gradient leaves the state
-  unchanged, and ``train.max_nonfinite_steps`` of them in a row raise
+  Reliability (DESIGN.md §11): a second run on a busy workdir is refused
+  (``workdir.WorkdirBusyError``); a config that differs from the workdir's
+  is refused before anything is restored or compiled, listing every changed
+  field (``workdir.ConfigMismatchError``) — structural changes always,
+  others unless ``accept_changes`` (a lower learning rate after a
+  non-finite stop needs no flag); a checkpoint that fails its checksum or
+  does not load is reported and an older one used; a train step that cannot
+  fit the device is refused after compiling, before the first step
+  (``memory.DeviceMemoryError``); SIGTERM and SIGINT save a checkpoint and
+  raise ``Interrupted``; a step with a non-finite loss or gradient leaves the
+  state unchanged, and ``train.max_nonfinite_steps`` of them in a row raise
   ``NonFiniteError``.
+
+  Args:
+    setup: from ``build_setup``.
+    objective: the objective, built from ``setup``.
+    workdir: the run's directory (created if needed).
+    accept_changes: continue a run whose config changed in non-structural fields.
 
   Returns:
     The summary dict.
   """
   config = setup.config
   mesh = make_data_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_usable(workdir)  # Creates it; WorkdirError (one line) if it cannot.
   with workdir_lib.lock_for_this_process(workdir):
-    workdir_lib.check_config_matches(
-        workdir, objective.structure(workdir_lib.config_record(config)), objective.structure)
+    defaults = dict(workdir_lib.config_record(config_lib.loop_config()),
+                    objective=workdir_lib.config_record(objective.default_config()))
+    changes = workdir_lib.check_resume(
+        workdir, workdir_lib.config_record(config), objective.structure,
+        accept_changes=accept_changes, defaults=defaults)
     fsdp = config.train.fsdp
     if mesh.devices.size > 1:
       print(f"Data parallel over {mesh.devices.size} devices "
@@ -352,7 +392,7 @@ def train_and_evaluate(setup: Setup, objective: Objective, workdir: str) -> dict
     num_steps = config.train.num_steps
 
     def train_line(at, aux, rate):
-      return f"step {at:6d}/{num_steps}  {objective.train_line(aux)}  {rate:.1f} steps/s"
+      return progress_line(at, num_steps, objective.train_line(aux), rate)
 
     def eval_line(at, result):
       return f"eval @ {at}: {objective.eval_line(result)}"
@@ -362,7 +402,8 @@ def train_and_evaluate(setup: Setup, objective: Objective, workdir: str) -> dict
         restore_target=sharding.abstract_state(state, mesh, fsdp),
         place=lambda s: sharding.place_state(s, mesh, fsdp), step=step,
         evaluate=lambda s: workdir_lib.to_python(jax.device_get(evaluate(s.params, frozen))),
-        train_line=train_line, eval_line=eval_line, eval_at_start=objective.eval_at_start)
+        train_line=train_line, eval_line=eval_line, eval_at_start=objective.eval_at_start,
+        changes=changes)
     summary = objective.summary(state, result, seconds_per_step)
     workdir_lib.write_summary(workdir, summary)
     return summary

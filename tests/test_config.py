@@ -84,6 +84,13 @@ class ValidateTest(parameterized.TestCase):
       ("optim__grad_clip_norm", -1.0, r"optim\.grad_clip_norm"),
       ("train__batch_size", 0, r"train\.batch_size"),
       ("train__num_steps", 0, r"train\.num_steps"),
+      # Counts enter the programs as int32: beyond it they would overflow after compiling.
+      ("train__num_steps", 3_000_000_000,
+       r"train\.num_steps must be at most 2\*\*31 - 1 = 2147483647 .*got 3000000000"),
+      ("optim__warmup_steps", 2**31, r"optim\.warmup_steps must be at most 2\*\*31 - 1"),
+      ("objective__sequence_term__ramp_steps", 2**40, r"sequence_term\.ramp_steps must be at most"),
+      ("seed", 10**20, r"config\.seed must be an integer in \[-2\*\*31, 2\*\*31 - 1\]"),
+      ("seed", -2**31 - 1, r"config\.seed must be an integer in"),
       ("eval__batch_size", 0, r"eval\.batch_size"),
   )
   def test_rule(self, path, value, match):

@@ -60,6 +60,7 @@ def _run_config(workdir: str):
   """The whole ``run.py`` path (train.train_and_evaluate) on a tiny config: 3 steps, 1 eval."""
   c = _tiny_config()
   c.train.num_steps = 3
+  c.optim.schedule = "constant"  # The resume below extends num_steps.
   c.train.log_every = 1
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
@@ -156,7 +157,7 @@ def _worker() -> dict:
     run_summary = experiment.train_and_evaluate(run_config, workdir)
     run_losses = _train_losses(workdir)
     run_config.train.num_steps = 4
-    resumed_summary = experiment.train_and_evaluate(run_config, workdir)
+    resumed_summary = experiment.train_and_evaluate(run_config, workdir, accept_changes=True)
   try:
     bad = _run_config("")
     bad.train.batch_size = 12

@@ -48,6 +48,7 @@ class TrainLoopTest(parameterized.TestCase):
   def test_short_run_learns_checkpoints_and_resumes(self):
     workdir = self.create_tempdir().full_path
     config = tiny_config()
+    config.optim.schedule = "constant"  # Extended below: num_steps is the cosine's horizon.
     summary = experiment.train_and_evaluate(config, workdir)
     for key in ("coverage", "validity", "latent_usage", "nmi", "token_jsd", "nll", "steps"):
       self.assertIn(key, summary)
@@ -63,7 +64,7 @@ class TrainLoopTest(parameterized.TestCase):
 
     # A second run on the same workdir continues from step 30, not from zero.
     config.train.num_steps = 40
-    summary = experiment.train_and_evaluate(config, workdir)
+    summary = experiment.train_and_evaluate(config, workdir, accept_changes=True)
     self.assertEqual(summary["steps"], 40)
     new_steps = [r["step"] for r in _read_log(workdir)][len(log):]
     self.assertEqual(new_steps, [35, 40])
@@ -80,7 +81,7 @@ class TrainLoopTest(parameterized.TestCase):
     config.train.num_steps = 10
     experiment.train_and_evaluate(config, interrupted)
     config.train.num_steps = 20
-    summary_resumed = experiment.train_and_evaluate(config, interrupted)
+    summary_resumed = experiment.train_and_evaluate(config, interrupted, accept_changes=True)
     for key in ("nll", "token_jsd", "validity", "latent_usage"):
       np.testing.assert_allclose(summary_resumed[key], summary_straight[key], rtol=1e-6)
 

@@ -461,10 +461,15 @@ class Distillation(train.Objective):
     return lambda params, teacher_params: evaluate(params, teacher_params, ekey)
 
   def train_line(self, aux):
-    if "sample_reverse_kl" in aux:
-      return (f"reverse KL (samples) {aux['sample_reverse_kl']:.4f}  "
-              f"len {aux['response_len']:.2f}")
-    return f"loss {aux['loss']:.4f}  len {aux['response_len']:.2f}"
+    """The quantity optimised: the sampled reverse KL (OPD, GKD) or the NLL (SFT, seq-KD)."""
+    lr = f"  lr {aux['learning_rate']:.2e}" if "learning_rate" in aux else ""
+    warm = aux.get("warm_start", 0.0) > 0
+    if warm or "sample_reverse_kl" not in aux:
+      name, value = (("data NLL", aux["data_nll"]) if aux.get("data_nll", 0.0) else
+                     ("teacher-sample NLL", aux.get("teacher_sample_nll", aux["loss"])))
+      return f"{name} {value:.4f}  len {aux['response_len']:.2f}{lr}"
+    return (f"reverse KL (samples) {aux['sample_reverse_kl']:.4f}  "
+            f"len {aux['response_len']:.2f}{lr}")
 
   def eval_line(self, result):
     return (f"reverse KL {result['reverse_kl']:.3f} "

@@ -372,49 +372,89 @@ class Diversity(train.Objective):
     return run
 
   def train_line(self, aux):
-    line = f"loss {aux['loss']:.4f}  rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}"
+    """The objective's value ``L_rec − λ·Ĵ − w·D̂`` and its terms (the surrogate's value is not shown)."""
+    o = self.config.objective
+    value = aux["rec_loss"] - o.lambda_jsd * aux["token_jsd"]
+    line = f"rec {aux['rec_loss']:.4f}  jsd {aux['token_jsd']:.4f}"
     if "seq_kl" in aux:
-      line += f"  seq_kl {aux['seq_kl']:.3f}"
+      value -= aux.get("seq_weight", 0.0) * aux["seq_kl"]
+      line += f"  seq_kl {aux['seq_kl']:.3f} (w {aux.get('seq_weight', 0.0):.3g})"
     if "seq_mi" in aux:
-      line += f"  seq_mi {aux['seq_mi']:.3f}"
-    return line
+      value -= aux.get("seq_weight", 0.0) * aux["seq_mi"]
+      line += f"  seq_mi {aux['seq_mi']:.3f} (w {aux.get('seq_weight', 0.0):.3g})"
+    return f"objective {value:.4f}  {line}  lr {aux.get('learning_rate', float('nan')):.2e}"
+
+  def _strategy_task(self) -> bool:
+    return self.config.task.name != "transduction"
 
   def eval_line(self, result):
-    return (f"coverage {result['coverage']:.2f} ({result['per_example_coverage']:.3f} per "
-            f"example)  validity "
-            f"{[round(v, 3) for v in result['validity']]}  nmi {result['nmi']:.3f}  "
-            f"usage {[round(v, 2) for v in result['latent_usage']]}  "
-            f"dead {result['dead_latents']}")
+    parts = [f"validity {[round(v, 3) for v in result['validity']]}"]
+    if self._strategy_task():
+      parts.insert(0, f"coverage {result['coverage']:.2f} "
+                      f"({result['per_example_coverage']:.3f} per example)")
+    else:
+      parts += [f"exact match {result['exact_match']:.3f}",
+                f"edit distance {result['edit_distance']:.3f}"]
+    if self.config.model.num_latents > 1:
+      if self._strategy_task():
+        parts.append(f"nmi {result['nmi']:.3f}")
+      parts.append(f"usage {[round(v, 2) for v in result['latent_usage']]}")
+      parts.append(f"dead {result['dead_latents']}")
+    parts.append(f"nll {result['nll']:.4f}")
+    return "  ".join(parts)
 
   def summary(self, state, result, seconds_per_step):
+    """``summary.json``: the metrics that mean something for this task and K.
+
+    Strategy tasks: coverage, assignment, confusion; transduction: exact
+    match, edit distance, KL(q ‖ p); K ≥ 2: the between-latent quantities
+    (NMI on strategy tasks, usage, dead latents, token JSD, sequence KL and
+    mutual information). Always: steps,
+    non-finite steps, task, K, validity, NLL.
+    """
     # (The step time stays out of this summary: equal runs have equal summaries.)
-    keys = ("coverage", "per_example_coverage", "validity", "latent_usage", "dead_latents", "nmi", "token_jsd", "nll",
-            "seq_kl", "seq_kl_stderr", "seq_mi", "seq_mi_stderr", "assignment", "confusion",
-            "exact_match", "edit_distance", "kl_payoff_to_model")
+    keys = ["validity", "nll"]
+    if self._strategy_task():
+      keys += ["coverage", "per_example_coverage", "assignment", "confusion"]
+    else:
+      keys += ["exact_match", "edit_distance", "kl_payoff_to_model"]
+    if self.config.model.num_latents > 1:
+      keys += ["latent_usage", "dead_latents", "token_jsd", "seq_kl", "seq_kl_stderr",
+               "seq_mi", "seq_mi_stderr"]
+      keys += ["nmi"] if self._strategy_task() else []
     return dict(steps=int(state.step), nonfinite_steps=int(state.nonfinite_total),
-                task=self.config.task.name, **{k: result[k] for k in keys})
+                task=self.config.task.name, num_latents=self.config.model.num_latents,
+                **{k: result[k] for k in keys})
 
   @classmethod
   def format_summary(cls, summary: dict) -> str:
-    lines = [
-        f"Finished {summary['steps']} steps on '{summary['task']}'.",
-        f"  strategy coverage : {summary['coverage']:.2f}   per example: "
-        f"{summary['per_example_coverage']:.3f}",
-        "  validity per latent: " + ", ".join(f"{v:.1%}" for v in summary["validity"]),
-        "  latent -> strategy : " + ", ".join(
-            f"z={k}->s={s}" if s >= 0 else f"z={k}->none"
-            for k, s in enumerate(summary["assignment"])),
-        "  latent usage       : " + ", ".join(f"{u:.2f}" for u in summary["latent_usage"]),
-        f"  dead latents       : {summary['dead_latents']} (usage 0 or validity < 50%)",
-        f"  latent/strategy NMI: {summary['nmi']:.3f}",
-        f"  sequence KL between latents (MC): {summary['seq_kl']:.3f} "
-        f"± {summary['seq_kl_stderr']:.3f}",
-        f"  mutual information I(Z; Y | x) (MC): {summary['seq_mi']:.3f} "
-        f"± {summary['seq_mi_stderr']:.3f} nats (at most log K = "
-        f"{math.log(len(summary['validity'])):.3f})",
-        f"  token JSD: {summary['token_jsd']:.4f}   NLL/token: {summary['nll']:.4f}",
-    ]
-    if summary["task"] == "transduction":
+    """The lines of the keys present (``summary`` chose them by task and K)."""
+    lines = [f"Finished {summary['steps']} steps on '{summary['task']}'."]
+    if "coverage" in summary:
+      lines.append(f"  strategy coverage : {summary['coverage']:.2f}   per example: "
+                   f"{summary['per_example_coverage']:.3f}")
+    lines.append("  validity per latent: " + ", ".join(f"{v:.1%}" for v in summary["validity"]))
+    if "coverage" in summary and len(summary["validity"]) > 1:
+      lines.append("  latent -> strategy : " + ", ".join(
+          f"z={k}->s={s}" if s >= 0 else f"z={k}->none"
+          for k, s in enumerate(summary["assignment"])))
+    if "latent_usage" in summary:
+      lines.append("  latent usage       : "
+                   + ", ".join(f"{u:.2f}" for u in summary["latent_usage"]))
+      lines.append(f"  dead latents       : {summary['dead_latents']} "
+                   "(usage 0 or validity < 50%)")
+    if "nmi" in summary:
+      lines.append(f"  latent/strategy NMI: {summary['nmi']:.3f}")
+    if "seq_kl" in summary:
+      lines.append(f"  sequence KL between latents (MC): {summary['seq_kl']:.3f} "
+                   f"± {summary['seq_kl_stderr']:.3f}")
+      lines.append(f"  mutual information I(Z; Y | x) (MC): {summary['seq_mi']:.3f} "
+                   f"± {summary['seq_mi_stderr']:.3f} nats (at most log K = "
+                   f"{math.log(len(summary['validity'])):.3f})")
+      lines.append(f"  token JSD: {summary['token_jsd']:.4f}   NLL/token: {summary['nll']:.4f}")
+    else:
+      lines.append(f"  NLL/token: {summary['nll']:.4f}")
+    if "exact_match" in summary:
       lines.append(f"  greedy exact match: {summary['exact_match']:.1%}   mean edit "
                    f"distance: {summary['edit_distance']:.3f}   KL(q || p): "
                    f"{summary['kl_payoff_to_model']:.3f}")

@@ -14,6 +14,7 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from latentdiv import experiment  # noqa: E402
+from latentdiv import objectives  # noqa: E402
 from latentdiv import train  # noqa: E402
 from latentdiv.objectives import diversity  # noqa: E402
 from tests.test_train import tiny_config  # noqa: E402
@@ -114,6 +115,30 @@ class DiversityStepTest(parameterized.TestCase):
     for part in ("coverage : 1.00", "z=1->none", "exact match: 90.0%", "dead latents       : 1",
                  "I(Z; Y | x) (MC): 0.250 ± 0.010 nats (at most log K = 0.693)"):
       self.assertIn(part, text)
+
+  def test_summary_and_lines_are_chosen_by_task_and_k(self):
+    import types  # pylint: disable=import-outside-toplevel
+    from latentdiv import cli  # pylint: disable=import-outside-toplevel
+    raml = cli.load_config_file(os.path.join(_REPO, "experiments/configs/raml.py:hamming,0.8"))
+    result = dict(coverage=0.0, validity=[0.5], assignment=[-1], confusion=[[0.0]],
+                  latent_usage=[1.0], nmi=0.0, seq_kl=0.0, seq_kl_stderr=0.0, token_jsd=0.0,
+                  nll=0.3, exact_match=0.9, edit_distance=0.1, kl_payoff_to_model=2.0)
+    state = types.SimpleNamespace(step=3, nonfinite_total=0)
+    _, k1 = experiment.build(raml)  # K = 1 on transduction: nothing between latents.
+    summary = k1.summary(state, result, 0.0)
+    self.assertEqual(set(summary) - {"steps", "nonfinite_steps", "task", "num_latents"},
+                     {"validity", "nll", "exact_match", "edit_distance", "kl_payoff_to_model"})
+    text = k1.format_summary(summary) + k1.eval_line(result)
+    for absent in ("coverage", "NMI", "nmi", "sequence KL", "usage", "JSD"):
+      self.assertNotIn(absent, text)
+    _, k3 = experiment.build(objectives.base_config())  # K = 3 on a strategy task.
+    result.update(validity=[0.5] * 3, latent_usage=[0.3] * 3, assignment=[0, 1, 2])
+    summary = k3.summary(state, result, 0.0)
+    self.assertContainsSubset({"coverage", "nmi", "seq_kl", "latent_usage", "token_jsd"}, summary)
+    self.assertNotIn("exact_match", summary)
+    line = k3.train_line(dict(loss=9.0, rec_loss=1.0, token_jsd=0.5, learning_rate=1e-3))
+    self.assertTrue(line.startswith("objective 0.9500  rec 1.0000  jsd 0.5000"), line)
+    self.assertNotIn("loss", line)  # The surrogate's value means nothing to a reader.
 
   def test_structure_reports_whether_the_sequence_term_is_on(self):
     on, off = tiny_config(weight=0.5), tiny_config(weight=0.0)
