@@ -15,9 +15,15 @@ Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
 * ``latentdiv.oracle`` — exact enumeration: exact KL, gradients, estimator
   mean and variance on tiny vocabularies (§7)
 * ``latentdiv.payoff`` / ``latentdiv.edits`` / ``latentdiv.raml`` — exponentiated-payoff
-  samplers (Hamming exact, edit distance approximate), RAML losses, label smoothing (§8)
+  samplers (Hamming exact, edit distance approximate), RAML losses, label smoothing,
+  importance-sampled RAML for the rewards of ``latentdiv.rewards`` (§8)
 * ``latentdiv.tasks`` / ``latentdiv.metrics`` — synthetic strategy tasks and
   coverage metrics (§9)
+* ``latentdiv.datasets`` — the train step's data: fresh draws or a finite
+  training set in reshuffled epochs, held-out sets (§8.6, §9)
+* ``latentdiv.text_data`` / ``latentdiv.text_metrics`` — JSONL text datasets
+  with several references, tokenizers; pairwise BLEU, references covered,
+  multi-reference BLEU (§9.1)
 * ``latentdiv.objectives`` — the objectives (``diversity``, ``distillation``),
   peers on the one loop of ``latentdiv.train``
 * ``latentdiv.experiment`` — ``train_and_evaluate(config, workdir)`` and
@@ -27,6 +33,7 @@ Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
 from latentdiv import baselines
 from latentdiv import checkpointing
 from latentdiv import config
+from latentdiv import datasets
 from latentdiv import divergences
 from latentdiv import edits
 from latentdiv import estimators
@@ -41,10 +48,13 @@ from latentdiv import oracle
 from latentdiv import payoff
 from latentdiv import raml
 from latentdiv import reconstruction
+from latentdiv import rewards
 from latentdiv import sampling
 from latentdiv import sequence_term
 from latentdiv import sharding
 from latentdiv import tasks
+from latentdiv import text_data
+from latentdiv import text_metrics
 from latentdiv import train
 from latentdiv import vocab
 from latentdiv import workdir

@@ -23,14 +23,20 @@ from latentdiv import train
 from latentdiv import workdir as workdir_lib
 
 
-def build(config: ml_collections.ConfigDict) -> tuple[train.Setup, train.Objective]:
+def build(config: ml_collections.ConfigDict,
+          workdir: str | None = None) -> tuple[train.Setup, train.Objective]:
   """Validates ``config`` and builds the setup and the objective (nothing compiles).
 
+  Args:
+    config: the experiment's config.
+    workdir: the run's directory, where a text task keeps its tokenizer.
+
   Raises:
-    ValueError: naming the invalid field, its value and what is allowed.
+    ValueError: naming the invalid field, its value and what is allowed (or,
+      for a data file, the file and line).
   """
   objectives.validate(config)
-  setup = train.build_setup(config)
+  setup = train.build_setup(config, workdir)
   return setup, objectives.get(config.objective.name)(setup)
 
 
@@ -39,7 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   See ``train.train_and_evaluate`` for what is written and the reliability rules.
   """
-  setup, objective = build(config)
+  setup, objective = build(config, workdir)
   return train.train_and_evaluate(setup, objective, workdir)
 
 
@@ -74,7 +80,7 @@ def load(workdir: str, step: int | None = None) -> Loaded:
   config = objectives.base_config(name if name in objectives.NAMES else "diversity")
   config_lib.update_from_record(config, record)
   config_lib.validate_loop(config)
-  setup = train.build_setup(config)
+  setup = train.build_setup(config, workdir, load_data=False)
   abstract = jax.eval_shape(functools.partial(model_lib.init_params, setup.model),
                             jax.random.PRNGKey(0))
   if step is None:
