@@ -352,7 +352,20 @@ def build(config, workdir: Optional[str] = None, load_data: bool = True):
   return task, data
 
 
-def encode_prompts(task: tasks_lib.Task, prompts: list[str]) -> np.ndarray:
-  """[B, P] int32 prompt rows of strings, with the task's tokenizer (truncated to P)."""
-  return np.stack([_row(task.tokenizer.encode(p), task.prompt_len, eos=False)[0]
-                   for p in prompts])
+def encode_strings(task: tasks_lib.Task, texts: list[str], outputs: bool) -> np.ndarray:
+  """Rows of the task's tokens for strings: prompts [B, P], or outputs [B, T] (EOS appended).
+
+  Raises:
+    ValueError: a string longer than the model's prompt (or output) length,
+      naming its index.
+  """
+  length = task.target_len if outputs else task.prompt_len
+  rows = []
+  for i, text in enumerate(texts):
+    row, truncated = _row(task.tokenizer.encode(text), length, eos=outputs)
+    if truncated:
+      what = "output" if outputs else "prompt"
+      raise ValueError(f"{what} {i} ({text!r:.40}) is longer than the model's {what} length "
+                       f"({length}{' with the EOS' if outputs else ''} tokens).")
+    rows.append(row)
+  return np.stack(rows)
