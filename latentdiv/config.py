@@ -67,6 +67,9 @@ def loop_config() -> ml_collections.ConfigDict:
   # (metrics prefixed 'train_'), so over-fitting shows.
   c.data = ml_collections.ConfigDict()
   c.data.train_size = 0
+  # Rows the training arrays hold (0: train_size). A sweep over train_size sets it to its
+  # largest size so that every size shares one compiled train step (the size is an array).
+  c.data.train_capacity = 0
 
   # The model (latentdiv.model.ModelConfig). num_latents is K.
   c.model = ml_collections.ConfigDict()
@@ -204,6 +207,7 @@ def validate_loop(config: ml_collections.ConfigDict) -> None:
     non_negative(config, path)
   non_negative(config, "optim.warmup_steps", kind=int)
   non_negative(config, "data.train_size", kind=int)
+  non_negative(config, "data.train_capacity", kind=int)
   if 0 < config.data.train_size < config.train.batch_size:
     raise ValueError(
         f"config.data.train_size={config.data.train_size} must be 0 (fresh data) or at least "

@@ -22,7 +22,9 @@ synthetic task with ``config.data.train_size = N > 0`` the training set is N
 distinct examples drawn once from the seed, none of whose prompts occurs in
 the held-out set (the evaluation batch of fresh-data runs,
 ``task.sample(eval_key, eval.batch_size)``); the training sets of one seed are
-nested across N (the first N of one candidate stream). Text datasets read
+nested across N (the first N of one candidate stream). With
+``config.data.train_capacity = C > N`` the arrays hold the first C examples
+and N is an array: runs with different N ≤ C then share one compiled step. Text datasets read
 from files (``latentdiv.text_data``) build the same ``ArrayDataset``.
 """
 
@@ -65,20 +67,28 @@ class FreshData:
 class ArrayDataset:
   """A fixed set of N examples, iterated in epochs, reshuffled at every epoch.
 
+  The arrays may hold more rows than N (a capacity C ≥ N; rows N..C−1 are
+  never drawn), so that runs with different N share one compiled step: N is
+  an array, not a shape.
+
   Attributes:
-    examples: a ``tasks.Batch`` whose leaves have a leading axis N.
-    key: the shuffle key; epoch e uses ``permutation(fold_in(key, e), N)``.
+    examples: a ``tasks.Batch`` whose leaves have a leading axis C ≥ N.
+    size: int32 scalar N, the number of examples (the first N rows).
+    key: the shuffle key; epoch e uses the permutation ``perm_e`` that sorts
+      ``uniform(fold_in(key, e), [C])`` over the first N rows.
     batch_size: B ≤ N (static).
   """
 
   examples: tasks_lib.Batch
+  size: jax.Array
   key: jax.Array
   batch_size: int = flax.struct.field(pytree_node=False)
 
-  @property
-  def size(self) -> int:
-    """N, the number of examples."""
-    return int(self.examples.prompt.shape[0])
+  def permutation(self, epoch: jax.Array) -> jax.Array:
+    """[C] int32: a uniform permutation of 0..N−1 in its first N entries (epoch ``epoch``)."""
+    capacity = self.examples.prompt.shape[0]
+    u = jax.random.uniform(jax.random.fold_in(self.key, epoch), (capacity,))
+    return jnp.argsort(jnp.where(jnp.arange(capacity) < self.size, u, 2.0)).astype(jnp.int32)
 
   def indices_at(self, step: jax.Array) -> jax.Array:
     """The [B] example indices of ``step``'s batch.
@@ -87,13 +97,12 @@ class ArrayDataset:
 
     B ≤ N, so a batch spans at most two epochs (e_0 and e_0 + 1).
     """
-    n, b = self.size, self.batch_size
+    b = self.batch_size
     position = jnp.asarray(step, jnp.int32) * b + jnp.arange(b, dtype=jnp.int32)
-    epoch, offset = position // n, position % n
+    epoch, offset = position // self.size, position % self.size
     first = epoch[0]
-    perm_first = jax.random.permutation(jax.random.fold_in(self.key, first), n)
-    perm_next = jax.random.permutation(jax.random.fold_in(self.key, first + 1), n)
-    return jnp.where(epoch == first, perm_first[offset], perm_next[offset])
+    return jnp.where(epoch == first, self.permutation(first)[offset],
+                     self.permutation(first + 1)[offset])
 
   def batch_at(self, step: jax.Array) -> tasks_lib.Batch:
     """The batch of ``step`` (jittable; ``step`` may be traced)."""
@@ -101,23 +110,28 @@ class ArrayDataset:
     return jax.tree_util.tree_map(lambda a: a[index], self.examples)
 
 
-def make_dataset(examples: tasks_lib.Batch, key: jax.Array, batch_size: int) -> ArrayDataset:
-  """An ``ArrayDataset`` over ``examples`` (leading axis N) with batches of ``batch_size``.
+def make_dataset(examples: tasks_lib.Batch, key: jax.Array, batch_size: int,
+                 size: Optional[int] = None) -> ArrayDataset:
+  """An ``ArrayDataset`` over the first ``size`` rows of ``examples`` (default: all C rows).
 
   Raises:
-    ValueError: ``batch_size`` is not in [1, N], or N·B would overflow the
-      int32 stream position within one epoch.
+    ValueError: ``size`` not in [1, C], ``batch_size`` not in [1, size], or
+      size·B too large for int32 stream positions.
   """
-  n = int(examples.prompt.shape[0])
+  capacity = int(examples.prompt.shape[0])
   chex.assert_equal_shape_prefix(list(examples), 1)
-  if not 1 <= batch_size <= n:
-    raise ValueError(f"config.train.batch_size={batch_size} must be in [1, {n}] (the number "
+  size = capacity if size is None else int(size)
+  if not 1 <= size <= capacity:
+    raise ValueError(f"size={size} must be in [1, {capacity}] (the rows of the examples).")
+  if not 1 <= batch_size <= size:
+    raise ValueError(f"config.train.batch_size={batch_size} must be in [1, {size}] (the number "
                      f"of training examples).")
-  if n * batch_size >= 2 ** 30:
-    raise ValueError(f"{n} examples with batches of {batch_size} are too many for int32 "
+  if size * batch_size >= 2 ** 30:
+    raise ValueError(f"{size} examples with batches of {batch_size} are too many for int32 "
                      "stream positions.")
   return ArrayDataset(examples=jax.tree_util.tree_map(jnp.asarray, examples),
-                      key=jnp.asarray(key), batch_size=batch_size)
+                      size=jnp.asarray(size, jnp.int32), key=jnp.asarray(key),
+                      batch_size=batch_size)
 
 
 class Data(NamedTuple):
@@ -207,10 +221,12 @@ def build(config, task: tasks_lib.Task) -> Data:
   if size == 0:
     return Data(FreshData(key=seed_key(config.seed, 2), task=task,
                           batch_size=config.train.batch_size), heldout, None)
-  examples = distinct_training_set(task, seed_key(config.seed, 4), size,
+  capacity = max(size, config.data.train_capacity)
+  examples = distinct_training_set(task, seed_key(config.seed, 4), capacity,
                                    np.asarray(heldout.prompt))
-  train = make_dataset(examples, seed_key(config.seed, 2), config.train.batch_size)
-  return Data(train, heldout, cycle_rows(examples, config.eval.batch_size))
+  train = make_dataset(examples, seed_key(config.seed, 2), config.train.batch_size, size)
+  first = jax.tree_util.tree_map(lambda a: a[:size], examples)
+  return Data(train, heldout, cycle_rows(first, config.eval.batch_size))
 
 
 def for_config(config, workdir: Optional[str] = None, load_data: bool = True):

@@ -340,7 +340,7 @@ def build(config, workdir: Optional[str] = None, load_data: bool = True):
   if size > num_pairs:
     raise ValueError(f"config.data.train_size={size} is more than the {num_pairs} (prompt, "
                      f"reference) pairs of {c.train_file}.")
-  if size:
+  if size:  # A seeded subset of the pairs (train_capacity does not apply to text data).
     order = np.asarray(jax.random.permutation(datasets.seed_key(config.seed, 4), num_pairs))
     pairs = jax.tree_util.tree_map(lambda a: a[np.sort(order[:size])], pairs)
   train_set = datasets.make_dataset(pairs, datasets.seed_key(config.seed, 2),

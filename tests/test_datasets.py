@@ -64,8 +64,7 @@ class ArrayDatasetTest(parameterized.TestCase):
       self.assertEqual(sorted(epochs[e]), list(range(n)), f"epoch {e}")
     self.assertGreater(len({tuple(e) for e in epochs}), 1)  # reshuffled per epoch
     # Step 2 covers stream positions 8..11: the end of epoch 0 and the start of epoch 1.
-    first = np.asarray(jax.random.permutation(jax.random.fold_in(dataset.key, 0), n))
-    second = np.asarray(jax.random.permutation(jax.random.fold_in(dataset.key, 1), n))
+    first, second = np.asarray(dataset.permutation(0)), np.asarray(dataset.permutation(1))
     np.testing.assert_array_equal(indices(jnp.int32(2)), [first[8], first[9], second[0],
                                                           second[1]])
 
@@ -86,6 +85,19 @@ class ArrayDatasetTest(parameterized.TestCase):
     np.testing.assert_array_equal(fn(dataset, 11), fn(dataset, 11))
     self.assertFalse(np.array_equal(fn(dataset, 11), fn(other_key, 11)))
     self.assertEqual(fn._cache_size(), 1)  # keys and arrays are arguments, not constants
+
+  def test_rows_beyond_the_size_are_never_drawn_and_sizes_share_a_program(self):
+    examples = _examples(12)
+    small = datasets.make_dataset(examples, jax.random.PRNGKey(0), 3, size=5)
+    large = datasets.make_dataset(examples, jax.random.PRNGKey(0), 3, size=12)
+    fn = jax.jit(lambda source, step: source.indices_at(step))
+    stream = np.concatenate([np.asarray(fn(small, s)) for s in range(10)])  # 6 epochs of 5
+    for e in range(6):
+      self.assertEqual(sorted(stream[5 * e:5 * (e + 1)]), list(range(5)))
+    fn(large, 0)
+    self.assertEqual(fn._cache_size(), 1)
+    with self.assertRaisesRegex(ValueError, r"size=13 must be in \[1, 12\]"):
+      datasets.make_dataset(examples, jax.random.PRNGKey(0), 3, size=13)
 
   def test_batch_size_must_fit_the_set(self):
     with self.assertRaisesRegex(ValueError, r"config.train.batch_size=8 must be in \[1, 5\]"):
@@ -122,6 +134,14 @@ class BuildTest(parameterized.TestCase):
     chex.assert_trees_all_equal(small.data.heldout, setup.data.heldout)
     np.testing.assert_array_equal(small.data.train.examples.prompt, examples.prompt[:16])
     np.testing.assert_array_equal(setup.data.train_eval.prompt[:32], examples.prompt[:32])
+    # With a capacity, the arrays hold the first C examples and the size is an array.
+    config = finite_config(train_size=16)
+    config.data.train_capacity = 64
+    padded, _ = experiment.build(config)
+    chex.assert_trees_all_equal(padded.data.train.examples, setup.data.train.examples)
+    self.assertEqual(int(padded.data.train.size), 16)
+    np.testing.assert_array_equal(padded.data.train_eval.prompt[:16], examples.prompt[:16])
+    np.testing.assert_array_equal(padded.data.train_eval.prompt[16:32], examples.prompt[:16])
 
   def test_a_task_too_small_for_the_training_set_is_refused(self):
     config = finite_config(train_size=200)

@@ -147,7 +147,7 @@ class BuildTest(parameterized.TestCase):
     setup, _ = experiment.build(config, workdir)
     task, data = setup.task, setup.data
     self.assertEqual((task.prompt_len, task.target_len, task.num_strategies), (2, 5, 3))
-    self.assertEqual(data.train.size, 8)  # (prompt, reference) pairs
+    self.assertEqual(int(data.train.size), 8)  # (prompt, reference) pairs
     tok = task.tokenizer
     pairs = [(tok.decode(p), tok.decode(t)) for p, t in zip(data.train.examples.prompt,
                                                             data.train.examples.target)]
@@ -169,7 +169,7 @@ class BuildTest(parameterized.TestCase):
     # train_size: a seeded subset of the pairs.
     config.data.train_size = 5
     small, _ = experiment.build(config)
-    self.assertEqual(small.data.train.size, 5)
+    self.assertEqual(int(small.data.train.size), 5)
     config.data.train_size = 9
     with self.assertRaisesRegex(ValueError, r"train_size=9 is more than the 8"):
       experiment.build(config)

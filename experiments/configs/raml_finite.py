@@ -34,7 +34,9 @@ from experiments.configs import raml
 
 TASKS = {"reverse": 10, "reverse_a30": 30}  # name -> alphabet size
 NUM_STEPS = 2000
-EVAL_EVERY = 100
+EVAL_EVERY = 200
+# Every size up to this shares one compiled train step (config.data.train_capacity).
+CAPACITY = 4096
 
 
 def parse(arg: str) -> tuple[str, int, str]:
@@ -58,6 +60,7 @@ def get_config(arg: str = "reverse,128,ml"):
   config = raml.get_config(arm)
   config.task.alphabet_size = TASKS[task]
   config.data.train_size = size
+  config.data.train_capacity = max(CAPACITY, size)
   if config.objective.raml.reward != "edit_is":
     config.objective.raml.num_samples = 1
   config.train.num_steps = NUM_STEPS
