@@ -77,7 +77,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   try:
-    setup, objective = experiment.build(config)  # Validates every field; nothing compiles.
+    setup, objective = experiment.build(config, workdir)  # Validates every field; nothing compiles.
     train.make_data_mesh(config)  # Batch sizes against the devices.
   except ValueError as err:
     raise app.UsageError(str(err)) from None

@@ -269,13 +269,22 @@ def markdown_tables(table: dict, tasks, sizes, arm_names, timing: dict | None = 
 
 
 COLORS = {"ml": "black", "ls": "tab:green", "hamming": "tab:blue", "hamming_exact": "tab:purple",
-          "edit": "tab:orange", "edit_is": "tab:red"}
+          "hamming_n4": "tab:cyan", "edit": "tab:orange", "edit_is": "tab:red"}
 
 
 def _style(arm, arm_names):
   kind, _ = raml_config.parse_arm(arm)
   same = [a for a in arm_names if raml_config.parse_arm(a)[0] == kind]
   return COLORS[kind], ("-", "--", ":", "-.")[same.index(arm) % 4]
+
+
+def _save_with_legend(plt, fig, axes, path, ncol: int, bottom: float) -> None:
+  """One legend (the first panel's entries) below the panels, then the PNG."""
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, bottom, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot_sizes(table, tasks, sizes, arm_names, path) -> None:
@@ -302,11 +311,7 @@ def plot_sizes(table, tasks, sizes, arm_names, path) -> None:
       ax.set_xlabel("training-set size N")
       ax.set_title(f"{task} (A = {finite_config.TASKS[task]}): {title}", fontsize=10)
       ax.grid(alpha=0.3)
-  handles, labels = axes[0, 0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0.1, 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save_with_legend(plt, fig, axes, path, ncol=4, bottom=0.1)
 
 
 def plot_curves(root, task, sizes, arms, seeds, path, lr: float = 0.0) -> None:
@@ -330,11 +335,7 @@ def plot_curves(root, task, sizes, arms, seeds, path, lr: float = 0.0) -> None:
     ax.set_xlabel("step")
     ax.set_title(f"{task}, N = {size}: NLL / token", fontsize=10)
     ax.grid(alpha=0.3)
-  handles, labels = axes[0, 0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0.16, 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save_with_legend(plt, fig, axes, path, ncol=3, bottom=0.16)
 
 
 def best_arm(table, task, size, kind, arm_names):

@@ -40,7 +40,9 @@ import numpy as np
 
 from latentdiv import tasks as tasks_lib
 
-# Rounds of candidate draws before a training set of distinct examples is given up.
+# Candidate draws for a training set of distinct examples: rounds of _ROUND examples,
+# at most _MAX_ROUNDS + 2·⌊size/_ROUND⌋ of them before giving up.
+_ROUND = 1024
 _MAX_ROUNDS = 16
 
 
@@ -173,10 +175,11 @@ def distinct_training_set(task: tasks_lib.Task, key: jax.Array, size: int,
                           excluded_prompts: np.ndarray) -> tasks_lib.Batch:
   """``size`` distinct examples of ``task``, none with a prompt in ``excluded_prompts``.
 
-  Candidates are drawn in rounds, ``task.sample(fold_in(key, r), max(2·size, 1024))``,
-  and kept in order of appearance when their (prompt, target) is new and their
-  prompt is not excluded; the first ``size`` are the training set (so the sets
-  of one key are nested across sizes).
+  Candidates are drawn in rounds of ``_ROUND`` examples,
+  ``task.sample(fold_in(key, r), _ROUND)``, and kept in order of appearance
+  when their (prompt, target) is new and their prompt is not excluded; the
+  first ``size`` are the training set, so the sets of one key are nested
+  across sizes.
 
   Raises:
     ValueError: the task does not have ``size`` such examples (e.g. a small
@@ -185,9 +188,9 @@ def distinct_training_set(task: tasks_lib.Task, key: jax.Array, size: int,
   excluded = set(_row_keys(np.asarray(excluded_prompts)))
   seen, chunks, found = set(), [], 0
   draw = jax.jit(task.sample, static_argnums=1)
-  per_round = max(2 * size, 1024)
-  for r in range(_MAX_ROUNDS):
-    batch = jax.device_get(draw(jax.random.fold_in(key, r), per_round))
+  rounds = _MAX_ROUNDS + 2 * (size // _ROUND)
+  for r in range(rounds):
+    batch = jax.device_get(draw(jax.random.fold_in(key, r), _ROUND))
     prompts, pairs = _row_keys(batch.prompt), _row_keys(
         np.concatenate([batch.prompt, batch.target], axis=1))
     keep = []
@@ -205,7 +208,7 @@ def distinct_training_set(task: tasks_lib.Task, key: jax.Array, size: int,
   raise ValueError(
       f"config.data.train_size={size} is more than the task can supply: only {found} "
       f"distinct examples with prompts outside the held-out set were found in "
-      f"{_MAX_ROUNDS * per_round} draws. Use a smaller train_size or a larger task "
+      f"{rounds * _ROUND} draws. Use a smaller train_size or a larger task "
       f"(alphabet_size, prompt_len).")
 
 

@@ -31,7 +31,9 @@ The argument after the colon picks the arm (default: maximum likelihood):
   convention (``q ∝ exp(−d_H/τ)``);
 * ``edit_is,TAU`` — the exact edit-distance reward ``q ∝ exp(−d_E/τ_eff)``
   by self-normalised importance sampling with the Hamming proposal
-  (``raml.reward = "edit_is"``, N = ``IS_SAMPLES`` weighted samples).
+  (``raml.reward = "edit_is"``, N = ``IS_SAMPLES`` weighted samples);
+* ``hamming_n4,TAU`` — ``hamming,TAU`` with N = ``IS_SAMPLES`` samples (the
+  control of ``edit_is``: the same proposals with uniform weights).
 
 τ follows the ``"rescaled"`` convention of the public implementations (the
 one the paper's τ = 0.6–0.95 refer to), except in ``hamming_exact``: with
@@ -45,10 +47,11 @@ from __future__ import annotations
 
 from latentdiv import objectives
 
-ARM_KINDS = ("ml", "ls", "hamming", "hamming_exact", "edit", "edit_is")
+ARM_KINDS = ("ml", "ls", "hamming", "hamming_exact", "hamming_n4", "edit", "edit_is")
 KIND_LABELS = {"ml": "maximum likelihood", "ls": "label smoothing",
                "hamming": "RAML, Hamming", "edit": "RAML, edit distance",
                "hamming_exact": "RAML, Hamming (exact convention)",
+               "hamming_n4": "RAML, Hamming, 4 samples",
                "edit_is": "RAML, exact edit distance by IS"}
 IS_SAMPLES = 4  # Samples per example of the importance-sampled arms (weights need N > 1).
 
@@ -121,10 +124,11 @@ def apply_arm(config, arm: str):
     config.objective.raml.epsilon = value
   else:
     config.objective.targets = "raml"
-    config.objective.raml.reward = "hamming" if kind == "hamming_exact" else kind
+    config.objective.raml.reward = {"hamming_exact": "hamming", "hamming_n4": "hamming"}.get(
+        kind, kind)
     config.objective.raml.convention = "exact" if kind == "hamming_exact" else "rescaled"
     config.objective.raml.tau = value
-    if kind == "edit_is":
+    if kind in ("edit_is", "hamming_n4"):
       config.objective.raml.num_samples = IS_SAMPLES
   return config
 

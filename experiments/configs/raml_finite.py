@@ -27,7 +27,7 @@ d_model = 32 Transformer, batch 32, AdamW 3e-3 cosine), trained for a fixed
 budget of ``NUM_STEPS`` steps whatever N (31 epochs at N = 2048, 500 at
 N = 128), evaluated every ``EVAL_EVERY`` steps on the held-out set and on the
 training set (``train_*`` metrics). RAML arms draw N_s = 1 payoff sample per
-example per step (``edit_is``: 4 weighted samples).
+example per step (``edit_is``: 4 weighted samples; ``hamming_n4``: 4 samples).
 """
 
 from experiments.configs import raml
@@ -61,7 +61,7 @@ def get_config(arg: str = "reverse,128,ml"):
   config.task.alphabet_size = TASKS[task]
   config.data.train_size = size
   config.data.train_capacity = max(CAPACITY, size)
-  if config.objective.raml.reward != "edit_is":
+  if raml.parse_arm(arm)[0] not in ("edit_is", "hamming_n4"):
     config.objective.raml.num_samples = 1
   config.train.num_steps = NUM_STEPS
   config.train.log_every = EVAL_EVERY
