@@ -30,7 +30,7 @@ from files (``latentdiv.text_data``) build the same ``ArrayDataset``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import flax
@@ -155,6 +155,28 @@ class Data(NamedTuple):
   text: Optional[Any] = None
 
 
+class LazyData:
+  """A ``Data`` built on first use (``train``, ``heldout``, ``train_eval``, ``text``).
+
+  Drawing a training set runs (and compiles) JAX code; deferring it until the
+  loop asks for the data lets every config check, the objective's included,
+  fail before anything compiles.
+  """
+
+  def __init__(self, build_fn: Callable[[], Data]):
+    self._build_fn, self._data = build_fn, None
+
+  def get(self) -> Data:
+    if self._data is None:
+      self._data = self._build_fn()
+    return self._data
+
+  train = property(lambda self: self.get().train)
+  heldout = property(lambda self: self.get().heldout)
+  train_eval = property(lambda self: self.get().train_eval)
+  text = property(lambda self: self.get().text)
+
+
 def seed_key(seed: int, stream: int) -> jax.Array:
   """``fold_in(PRNGKey(seed), stream)``: 2 = training batches, 3 = evaluation, 4 = training set."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), stream)
@@ -238,10 +260,11 @@ def for_config(config, workdir: Optional[str] = None, load_data: bool = True):
   Args:
     config: the validated config.
     workdir: the run's directory (a text task keeps its tokenizer there).
-    load_data: also build the ``Data`` (else None: loading a trained model).
+    load_data: also build the data (a ``LazyData``, drawn on first use; else
+      None: loading a trained model).
   """
   if config.task.name == "text":
     from latentdiv import text_data  # pylint: disable=import-outside-toplevel
     return text_data.build(config, workdir, load_data)
   task = tasks_lib.from_config(config.task)
-  return task, (build(config, task) if load_data else None)
+  return task, (LazyData(lambda: build(config, task)) if load_data else None)

@@ -18,7 +18,7 @@ resumed or loaded run reads them from there.
 The training set is one example per (prompt, reference) pair — the hidden
 "strategy" of an example is its reference's index — held as a
 ``datasets.ArrayDataset`` (``config.data.train_size = 0``: every pair; N > 0:
-N pairs drawn without replacement from the seed). The held-out set is one row
+N pairs drawn without replacement, ``numpy.random.default_rng(seed)``). The held-out set is one row
 per validation prompt (its first ``eval.batch_size`` prompts), scored against
 its first reference for the NLL, and against all of them by the text metrics
 (``latentdiv.text_metrics``). ``valid_outputs`` holds every reference of a
@@ -341,14 +341,21 @@ def build(config, workdir: Optional[str] = None, load_data: bool = True):
     raise ValueError(f"config.data.train_size={size} is more than the {num_pairs} (prompt, "
                      f"reference) pairs of {c.train_file}.")
   if size:  # A seeded subset of the pairs (train_capacity does not apply to text data).
-    order = np.asarray(jax.random.permutation(datasets.seed_key(config.seed, 4), num_pairs))
+    order = np.random.default_rng(config.seed).permutation(num_pairs)
     pairs = jax.tree_util.tree_map(lambda a: a[np.sort(order[:size])], pairs)
-  train_set = datasets.make_dataset(pairs, datasets.seed_key(config.seed, 2),
-                                    config.train.batch_size)
+  if config.train.batch_size > pairs.prompt.shape[0]:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} must be at most the "
+                     f"{pairs.prompt.shape[0]} training pairs.")
   info = TextInfo(tokenizer, [e.prompt for e in heldout_examples],
                   [e.references for e in heldout_examples], c.bleu_tokenize)
-  data = datasets.Data(train_set, jax.tree_util.tree_map(np.asarray, heldout),
-                       datasets.cycle_rows(pairs, heldout.prompt.shape[0]), text=info)
+
+  def arrays():  # JAX work (keys, device arrays) waits until the loop needs the data.
+    train_set = datasets.make_dataset(pairs, datasets.seed_key(config.seed, 2),
+                                      config.train.batch_size)
+    return datasets.Data(train_set, heldout, datasets.cycle_rows(pairs, heldout.prompt.shape[0]),
+                         text=info)
+
+  data = datasets.LazyData(arrays)
   return task, data
 
 

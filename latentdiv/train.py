@@ -71,16 +71,17 @@ class TrainState:
 class Setup(NamedTuple):
   """What the loop's config sections build once: the task, the model, the optimiser, the data.
 
-  ``data`` (``datasets.Data``) holds the training source the step draws from,
-  the held-out evaluation set and the training slice evaluation also scores;
-  None when built without data (``build_setup(..., load_data=False)``).
+  ``data`` (``datasets.LazyData``, built on first use) holds the training
+  source the step draws from, the held-out evaluation set and the training
+  slice evaluation also scores; None when built without data
+  (``build_setup(..., load_data=False)``).
   """
 
   config: ml_collections.ConfigDict
   task: tasks_lib.Task
   model: model_lib.LatentTransformer
   optimizer: optax.GradientTransformation
-  data: Optional[datasets.Data] = None
+  data: Optional[datasets.LazyData] = None
 
 
 class Objective:
