@@ -104,7 +104,7 @@ def main(argv):
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
   try:
-    setup, objective = experiment.build(config)  # Validates every field; nothing compiles.
+    setup, objective = experiment.build(config, workdir)  # Validates every field; nothing compiles.
     train.make_data_mesh(config)  # Batch sizes against the devices.
   except ValueError as err:
     cli.fatal(err)

@@ -115,8 +115,7 @@ COLUMNS = (
     ("wall_s", "wall (s)", "{:.0f}"),
 )
 KINDS = ("ml", "ls", "hamming", "edit")
-KIND_LABELS = {"ml": "maximum likelihood", "ls": "label smoothing",
-               "hamming": "RAML, Hamming", "edit": "RAML, edit distance"}
+KIND_LABELS = raml_config.KIND_LABELS
 
 
 # ------------------------------------------------------------------ arms
@@ -135,10 +134,7 @@ def arms(epsilons, taus, rewards=("hamming", "edit")) -> list[str]:
   return names
 
 
-def arm_dir(arm: str) -> str:
-  """``"hamming,0.65"`` -> ``"hamming_0.65"`` (the arm's directory under the root)."""
-  kind, value = raml_config.parse_arm(arm)
-  return kind if value is None else f"{kind}_{value:g}"
+arm_dir = raml_config.arm_dir
 
 
 def run_dir(root: str, arm: str, seed: int) -> str:
@@ -322,12 +318,7 @@ def aggregate(root: str, arm_names, seeds: int) -> dict:
   return table
 
 
-def arm_label(arm: str) -> str:
-  """``"hamming,0.65"`` -> ``"RAML, Hamming, τ = 0.65"``."""
-  kind, value = raml_config.parse_arm(arm)
-  if kind == "ml":
-    return KIND_LABELS[kind]
-  return f"{KIND_LABELS[kind]}, {'ε' if kind == 'ls' else 'τ'} = {value:g}"
+arm_label = raml_config.arm_label
 
 
 def markdown_table(table: dict, arm_names) -> str:

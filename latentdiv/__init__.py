@@ -18,9 +18,15 @@ Pure JAX functions and a Flax model (the mathematics: docs/DESIGN.md):
   vocabularies, the Transformer as an enumerable model (§7);
   ``latentdiv.diagnostics`` — the estimator × baseline diagnostics
 * ``latentdiv.payoff`` / ``latentdiv.edits`` / ``latentdiv.raml`` — exponentiated-payoff
-  samplers (Hamming exact, edit distance approximate), RAML losses, label smoothing (§8)
+  samplers (Hamming exact, edit distance approximate), RAML losses, label smoothing,
+  importance-sampled RAML for the rewards of ``latentdiv.rewards`` (§8)
 * ``latentdiv.tasks`` / ``latentdiv.metrics`` — synthetic strategy tasks and
   coverage metrics (§9)
+* ``latentdiv.datasets`` — the train step's data: fresh draws or a finite
+  training set in reshuffled epochs, held-out sets (§8.6, §9)
+* ``latentdiv.text_data`` / ``latentdiv.text_metrics`` — JSONL text datasets
+  with several references, tokenizers; pairwise BLEU, references covered,
+  multi-reference BLEU (§9.1)
 * ``latentdiv.objectives`` — the objectives (``diversity``, ``distillation``),
   peers on the one train step of ``latentdiv.train`` and the host loop of
   ``latentdiv.loop``
@@ -37,6 +43,7 @@ from latentdiv import baselines
 from latentdiv import checkpointing
 from latentdiv import cli
 from latentdiv import config
+from latentdiv import datasets
 from latentdiv import divergences
 from latentdiv import edits
 from latentdiv import estimators
@@ -53,11 +60,14 @@ from latentdiv import payoff
 from latentdiv import raml
 from latentdiv import reconstruction
 from latentdiv import runlog
+from latentdiv import rewards
 from latentdiv import sampling
 from latentdiv import sequence_term
 from latentdiv import sharding
 from latentdiv import surrogates
 from latentdiv import tasks
+from latentdiv import text_data
+from latentdiv import text_metrics
 from latentdiv import train
 from latentdiv import vocab
 from latentdiv import workdir

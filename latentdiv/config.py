@@ -21,9 +21,12 @@ import math
 import ml_collections
 
 from latentdiv import tasks
+from latentdiv import text_data
 from latentdiv import vocab
 
 SCHEDULES = ("constant", "cosine")
+TASK_NAMES = tasks.TASKS + (text_data.NAME,)  # 'text': JSONL files (latentdiv.text_data).
+MIN_BPE_VOCAB = 260
 DTYPES = ("float32", "bfloat16")
 
 
@@ -48,6 +51,27 @@ def loop_config() -> ml_collections.ConfigDict:
   c.task.transform = "reverse"
   # branch only: the continuation after the second branch token (tasks.HARD_BRANCHES).
   c.task.hard_branch = "lookup"
+  # text only (latentdiv.text_data): JSONL files, one {"prompt": str, "references": [str, ...]}
+  # per line; the sizes above are then taken from the data (prompt_len, alphabet_size and
+  # num_strategies are ignored).
+  c.task.train_file = ""
+  c.task.valid_file = ""
+  c.task.tokenizer = "char"  # 'char' (one id per character) or 'bpe' (Hugging Face tokenizers).
+  c.task.tokenizer_vocab_size = 512  # 'bpe' only: ids including the 4 reserved ones.
+  c.task.max_prompt_len = 0  # 0: the longest prompt of the files; longer ones are truncated.
+  c.task.max_target_len = 0  # 0: the longest reference + EOS; longer ones are truncated.
+  c.task.bleu_tokenize = "13a"  # sacrebleu's tokenizer for the text metrics ('none', 'char', ...).
+
+  # The training data (latentdiv.datasets). train_size = 0: a fresh batch from the task's
+  # generator at every step; N > 0: a fixed training set of N distinct examples drawn once
+  # from the seed (prompts disjoint from the evaluation set), iterated in epochs and
+  # reshuffled at every epoch; evaluation then also scores a slice of the training set
+  # (metrics prefixed 'train_'), so over-fitting shows.
+  c.data = ml_collections.ConfigDict()
+  c.data.train_size = 0
+  # Rows the training arrays hold (0: train_size). A sweep over train_size sets it to its
+  # largest size so that every size shares one compiled train step (the size is an array).
+  c.data.train_capacity = 0
 
   # The model (latentdiv.model.ModelConfig). num_latents is K.
   c.model = ml_collections.ConfigDict()
@@ -233,7 +257,25 @@ def validate_loop(config: ml_collections.ConfigDict) -> None:
   for path in ("optim.weight_decay", "optim.grad_clip_norm"):
     non_negative(config, path)
   non_negative(config, "optim.warmup_steps", kind=int)
-  one_of(config, "task.name", tasks.TASKS)
+  non_negative(config, "data.train_size", kind=int)
+  non_negative(config, "data.train_capacity", kind=int)
+  if 0 < config.data.train_size < config.train.batch_size:
+    raise ValueError(
+        f"config.data.train_size={config.data.train_size} must be 0 (fresh data) or at least "
+        f"config.train.batch_size={config.train.batch_size}.")
+  one_of(config, "task.name", TASK_NAMES)
+  one_of(config, "task.tokenizer", text_data.TOKENIZERS)
+  for path in ("task.max_prompt_len", "task.max_target_len"):
+    non_negative(config, path, kind=int)
+  if config.task.max_target_len == 1:
+    raise ValueError("config.task.max_target_len must be 0 (from the data) or >= 2 (room for "
+                     "a token and the EOS), got 1.")
+  if config.task.tokenizer == "bpe" and not (
+      isinstance(config.task.tokenizer_vocab_size, int)
+      and config.task.tokenizer_vocab_size >= MIN_BPE_VOCAB):
+    raise ValueError(f"config.task.tokenizer_vocab_size must be an integer >= {MIN_BPE_VOCAB} "
+                     "(256 bytes and 4 reserved ids) with tokenizer 'bpe', got "
+                     f"{config.task.tokenizer_vocab_size!r}.")
   one_of(config, "task.variant", tasks.LATE_VARIANTS)
   one_of(config, "task.transform", tasks.TRANSFORMS)
   one_of(config, "task.hard_branch", tasks.HARD_BRANCHES)

@@ -42,7 +42,9 @@ Samplers (DESIGN.md §8):
   exactly the payoff distribution at the effective temperature.)
 * **Edit distance** (approximate, ``sample_edit``): see its docstring.
 * **Arbitrary rewards**: self-normalised importance sampling with the Hamming
-  sampler as proposal (``hamming_log_prob``, ``importance_weights``).
+  sampler as proposal (``sample_importance_targets``: ``hamming_log_prob``,
+  ``importance_weights``, ``effective_sample_size``; rewards in
+  ``latentdiv.rewards``: the exact edit distance, a sentence BLEU).
 
 Label smoothing (the token-level baseline the seed relates RAML to) and the
 distillation view ``KL(q ‖ p_θ)`` are at the end of the file.
@@ -64,9 +66,13 @@ from jax.scipy.special import logsumexp
 
 from latentdiv import edits
 from latentdiv import payoff
+from latentdiv import rewards as rewards_lib
 from latentdiv.payoff import Alphabet, Array, CONVENTIONS, NEG_INF, Numeric  # noqa: F401
 
 REWARDS = ("hamming", "edit")
+# Rewards with no exact sampler, by self-normalised importance sampling with the
+# Hamming proposal: "<name>_is" for each reward of ``rewards.REWARDS``.
+IMPORTANCE_REWARDS = tuple(f"{name}_is" for name in rewards_lib.REWARDS)
 PRIORS = ("uniform", "unigram")
 
 # ---------------------------------------------------------------------------
@@ -142,6 +148,74 @@ def sample_raml_targets(key: chex.PRNGKey,
   per_example = jax.vmap(one, in_axes=(0, None, None))
   tokens, num_edits = jax.vmap(per_example)(keys, targets_BxT, mask_BxT)
   return RamlSamples(tokens=tokens, num_edits=num_edits)
+
+
+class ImportanceSamples(NamedTuple):
+  """Output of ``sample_importance_targets``.
+
+  Attributes:
+    tokens: int32 ``[B, N, T]`` samples of the Hamming proposal.
+    weights: float ``[B, N]`` self-normalised importance weights (rows sum to 1).
+    ess: float ``[B]`` Kish effective sample size ``1/Σ_n w_n²`` of each row, in [1, N].
+  """
+  tokens: Array
+  weights: Array
+  ess: Array
+
+
+def sample_importance_targets(key: chex.PRNGKey,
+                              targets_BxT: Array,
+                              mask_BxT: Array,
+                              n_samples: int,
+                              alphabet: Alphabet,
+                              tau: Numeric,
+                              convention: str,
+                              reward: str,
+                              proposal_tau: Optional[Numeric] = None) -> ImportanceSamples:
+  """N weighted samples per target for a reward with no exact sampler (Hamming proposal).
+
+      y⁽ⁿ⁾ ~ q_H(· | y*; τ_prop),   w_n ∝ exp(r(y⁽ⁿ⁾, y*)/τ_eff − log q_H(y⁽ⁿ⁾ | y*))
+
+  so that ``Σ_n w_n f(y⁽ⁿ⁾)`` estimates ``E_{q_r}[f]`` for the payoff
+  distribution ``q_r(y) ∝ exp(r(y, y*)/τ_eff)`` restricted to the proposal's
+  support (outputs of y*'s length that differ from it only at editable
+  positions). ``τ_eff = effective_temperature(V', τ, convention)``, so a τ
+  means the same for every reward (with ``r = −d_H`` the weights are uniform).
+  Pure and fixed-shape: call inside the jitted step with ``n_samples``,
+  ``convention`` and ``reward`` static.
+
+  Args:
+    key: PRNG key.
+    targets_BxT: int tokens ``[B, T]``.
+    mask_BxT: bool ``[B, T]`` editable positions.
+    n_samples: static N (N = 1 gives weight 1: no correction).
+    alphabet: ``(lo, hi)`` or bool mask ``[V]``.
+    tau: scalar τ of the target payoff distribution.
+    convention: ``"exact"`` or ``"rescaled"`` (for τ_eff and the proposal).
+    reward: a name in ``IMPORTANCE_REWARDS``: ``"edit_is"`` (``r = −d_E``,
+      exact) or ``"bleu_is"`` (sentence BLEU), ``rewards.REWARDS``.
+    proposal_tau: the proposal's τ (default τ).
+
+  Returns:
+    ``ImportanceSamples(tokens [B, N, T], weights [B, N], ess [B])``.
+
+  References:
+    DESIGN.md §8.4; Norouzi et al. (2016) §3; Kish (1965).
+  """
+  payoff.check_option("reward", reward, IMPORTANCE_REWARDS)
+  payoff.check_option("convention", convention, CONVENTIONS)
+  proposal_tau = tau if proposal_tau is None else proposal_tau
+  tokens = sample_raml_targets(key, targets_BxT, mask_BxT, n_samples, alphabet, proposal_tau,
+                               convention).tokens
+  log_q = jax.vmap(jax.vmap(payoff.hamming_log_prob, (0, None, None, None, None, None)),
+                   (0, 0, 0, None, None, None))(tokens, targets_BxT, mask_BxT, alphabet,
+                                                proposal_tau, convention)
+  reward_fn = rewards_lib.REWARDS[reward[:-len("_is")]]
+  r = jax.vmap(jax.vmap(reward_fn, (0, None)))(tokens, targets_BxT)
+  tau_eff = payoff.effective_temperature(payoff.alphabet_size(alphabet), tau, convention)
+  weights = jax.vmap(importance_weights, (0, 0, None))(r, log_q, tau_eff)
+  return ImportanceSamples(tokens=tokens, weights=weights,
+                           ess=jax.vmap(effective_sample_size)(weights))
 
 
 # ---------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class Task:
     options: the task-specific settings, as sorted ``(name, value)`` pairs.
     prompt_fn: key -> [P] int32 prompt.
     outputs_fn: [P] prompt -> [S, T] int32 valid outputs.
+    tokenizer: a text task's tokenizer (``latentdiv.text_data``; ``encode``
+      and ``decode`` between strings and ids); None for synthetic tasks.
   """
 
   name: str
@@ -125,6 +127,7 @@ class Task:
       compare=False, repr=False)
   outputs_fn: Callable[[jax.Array], jax.Array] = dataclasses.field(
       compare=False, repr=False)
+  tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def outputs(self, prompt_P: jax.Array) -> jax.Array:
     """The S valid outputs ``(f_0(x), .., f_{S-1}(x))`` of one prompt.

@@ -8,7 +8,9 @@ the loss):
 * ``TrainState`` — step, parameters, Optax state, PRNG key, the objective's
   ``extra`` state, the non-finite counters;
 * ``make_train_step`` — the ONE step builder: draw the batch on device from
-  ``fold_in(data_key, step)``, ``grad(objective.loss)``, Optax update, skip the
+  the data source (``setup.data.train.batch_at(step)``: fresh draws from
+  ``fold_in(data_key, step)``, or a finite training set in reshuffled epochs,
+  ``latentdiv.datasets``), ``grad(objective.loss)``, Optax update, skip the
   update if the loss or gradient is not finite; data parallel on a mesh;
 * ``train_and_evaluate`` — binds the step, the evaluation and the objective's
   progress lines to the host loop (``latentdiv.loop.run_loop``: resume,
@@ -21,7 +23,8 @@ picks the objective named by ``config.objective.name`` and calls the one here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import os
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
@@ -30,6 +33,7 @@ import ml_collections
 import optax
 
 from latentdiv import config as config_lib
+from latentdiv import datasets
 from latentdiv import loop
 from latentdiv import model as model_lib
 from latentdiv import sharding
@@ -37,7 +41,7 @@ from latentdiv import tasks as tasks_lib
 from latentdiv import workdir as workdir_lib
 
 # The loop's structural fields: a resume that changes one cannot restore the state.
-STRUCTURAL_FIELDS = ("task", "model", "optim.grad_clip_norm", "objective.name")
+STRUCTURAL_FIELDS = ("task", "data", "model", "optim.grad_clip_norm", "objective.name")
 
 
 @flax.struct.dataclass
@@ -66,12 +70,19 @@ class TrainState:
 
 
 class Setup(NamedTuple):
-  """What the loop's config sections build once: the task, the model, the optimiser."""
+  """What the loop's config sections build once: the task, the model, the optimiser, the data.
+
+  ``data`` (``datasets.LazyData``, built on first use) holds the training
+  source the step draws from, the held-out evaluation set and the training
+  slice evaluation also scores; None when built without data
+  (``build_setup(..., load_data=False)``).
+  """
 
   config: ml_collections.ConfigDict
   task: tasks_lib.Task
   model: model_lib.LatentTransformer
   optimizer: optax.GradientTransformation
+  data: Optional[datasets.LazyData] = None
 
 
 class Objective:
@@ -153,20 +164,30 @@ class Objective:
                 **{k: v for k, v in result.items() if k != "samples"})
 
 
-def build_setup(config: ml_collections.ConfigDict) -> Setup:
-  """The task, model and optimiser of the loop's (already validated) config sections.
+def build_setup(config: ml_collections.ConfigDict, workdir: str | None = None,
+                load_data: bool = True) -> Setup:
+  """The task, model, optimiser and data of the loop's (already validated) config sections.
+
+  Args:
+    config: the validated config.
+    workdir: the run's directory, for what a task keeps there (a text
+      task's tokenizer); None: nothing is read or written there.
+    load_data: build ``Setup.data`` (the training set and evaluation sets);
+      False for loading a trained model only.
 
   Raises:
-    ValueError: the task's or the model's fields are inconsistent.
+    ValueError: the task's, the data's or the model's fields are inconsistent
+      (for data files: naming the file and line).
   """
-  task = tasks_lib.from_config(config.task)
+  task, data = datasets.for_config(config, workdir, load_data)
   m = config.model
   model_config = model_lib.ModelConfig(
       vocab_size=task.vocab_size, num_latents=m.num_latents,
       max_len=task.prompt_len + task.target_len, d_model=m.d_model, num_heads=m.num_heads,
       num_layers=m.num_layers, d_ff=m.d_ff, dtype=m.dtype)
   model_config.validate()
-  return Setup(config, task, model_lib.LatentTransformer(model_config), make_optimizer(config))
+  return Setup(config, task, model_lib.LatentTransformer(model_config), make_optimizer(config),
+               data)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -214,13 +235,13 @@ def init_state(setup: Setup, objective: Objective) -> TrainState:
 
 
 def data_key(config) -> jax.Array:
-  """The key whose ``fold_in(·, step)`` draws the training batch of ``step``."""
-  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  """The key of the training batches: ``fold_in(·, step)`` (fresh data) or the epoch shuffles."""
+  return datasets.seed_key(config.seed, 2)
 
 
 def eval_key(config) -> jax.Array:
   """The key of the fixed evaluation batch (and, folded in, of its samples)."""
-  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+  return datasets.seed_key(config.seed, 3)
 
 
 class BoundJit:
@@ -256,7 +277,8 @@ def make_train_step(setup: Setup, objective: Objective, mesh: jax.sharding.Mesh 
   rate of this step's update) and ``nonfinite_steps`` (the run's total).
 
   Args:
-    setup: from ``build_setup``.
+    setup: from ``build_setup`` (with data): the step draws
+      ``setup.data.train.batch_at(step)``, the source bound as an argument.
     objective: supplies ``loss(params, frozen, extra, batch, key, step)``.
     mesh: optional 1-D data mesh (``sharding.make_mesh``): the batch drawn
       inside the step is split over its devices, the state replicated (or
@@ -272,8 +294,8 @@ def make_train_step(setup: Setup, objective: Objective, mesh: jax.sharding.Mesh 
   config = setup.config
   schedule = make_schedule(config)
 
-  def train_step(state: TrainState, dkey: jax.Array, frozen):
-    batch = setup.task.sample(jax.random.fold_in(dkey, state.step), config.train.batch_size)
+  def train_step(state: TrainState, source, frozen):
+    batch = source.batch_at(state.step)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
     rng, key = jax.random.split(state.rng)
@@ -305,7 +327,8 @@ def make_train_step(setup: Setup, objective: Objective, mesh: jax.sharding.Mesh 
     jitted = sharding.jit_data_parallel(
         train_step, mesh, jax.eval_shape(lambda: _fresh_state(setup, objective, 0)),
         fsdp=config.train.fsdp, num_replicated_args=2)
-  return BoundJit(jitted, data_key(config), frozen)
+  source = setup.data.train
+  return BoundJit(jitted, source if mesh is None else sharding.replicate(source, mesh), frozen)
 
 
 def _with_loss(out):

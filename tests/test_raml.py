@@ -582,6 +582,74 @@ class ImportanceWeightsTest(chex.TestCase):
     self.assertGreater(abs(float(jnp.mean(d)) - exact_mean), 0.2)
 
 
+class ImportanceTargetsTest(chex.TestCase):
+  """``sample_importance_targets`` (the batched sampler of the train step) against enumeration."""
+
+  def _tiny(self, reward="edit_is", rows=400, n=32, proposal_tau=None, seed=0):
+    ys, target, _ = _enumerate_tiny()
+    row, mask = padded_row(target, t=6)
+    out = raml.sample_importance_targets(
+        rkey(seed), jnp.broadcast_to(row, (rows, 6)), jnp.broadcast_to(mask, (rows, 6)), n,
+        (3, 6), 0.8, "rescaled", reward, proposal_tau=proposal_tau)
+    return ys, target, row, mask, out
+
+  def test_weights_equal_the_exact_ratio_of_payoff_to_proposal(self):
+    ys, target, row, mask, out = self._tiny(rows=3, n=16)
+    chex.assert_shape(out.tokens, (3, 16, 6))
+    chex.assert_shape(out.weights, (3, 16))
+    chex.assert_shape(out.ess, (3,))
+    # Exact, by enumeration: q_r(y) ∝ exp(−d_E(y, y*)/τ_eff), proposal q_H over the 27 contents.
+    tau_eff = 0.8 / (1.0 + math.log(2.0))
+    d_edit = {tuple(y): np_levenshtein(list(y), list(target)) for y in ys}
+    rows = jnp.concatenate([jnp.asarray(ys, jnp.int32),
+                            jnp.broadcast_to(row[3:], (27, 3))], axis=1)
+    log_q = np.asarray(batch_hamming_log_prob(rows, row, mask, (3, 6), 0.8, "rescaled"),
+                       np.float64)
+    self.assertAlmostEqual(float(np.exp(log_q).sum()), 1.0, places=5)
+    log_q = {tuple(y): lq for y, lq in zip(ys, log_q)}
+    for b in range(3):
+      contents = [tuple(np.asarray(t)[:3]) for t in out.tokens[b]]
+      log_w = np.array([-d_edit[c] / tau_eff - log_q[c] for c in contents])
+      want = np.exp(log_w - log_w.max())
+      np.testing.assert_allclose(out.weights[b], want / want.sum(), rtol=1e-4)
+      self.assertAlmostEqual(float(out.ess[b]), 1.0 / float((want / want.sum()) @
+                                                            (want / want.sum())), places=3)
+
+  def test_weighted_samples_estimate_the_payoff_distribution(self):
+    # A wider proposal (τ_prop = 2) than the target (τ = 0.8), both rescaled.
+    ys, target, _, _, out = self._tiny(rows=400, n=32, proposal_tau=2.0)
+    tau_eff = 0.8 / (1.0 + math.log(2.0))
+    d_edit = np.array([np_levenshtein(list(y), list(target)) for y in ys], np.float64)
+    q_r = np.exp(-d_edit / tau_eff)
+    q_r /= q_r.sum()
+    index = {tuple(y): i for i, y in enumerate(ys)}
+    estimate = np.zeros(27)
+    for b in range(400):
+      for t, w in zip(np.asarray(out.tokens[b]), np.asarray(out.weights[b])):
+        estimate[index[tuple(t[:3])]] += w / 400
+    self.assertLess(0.5 * np.abs(estimate - q_r).sum(), 0.03)
+    # The proposal alone is off (the check has teeth): its own frequencies.
+    counts = np.zeros(27)
+    for t in np.asarray(out.tokens).reshape(-1, 6):
+      counts[index[tuple(t[:3])]] += 1
+    self.assertGreater(0.5 * np.abs(counts / counts.sum() - q_r).sum(), 0.15)
+    # ESS/N approaches 1 / E_q[(q_r/q)^2] (exact, by enumeration) for large N.
+    row, mask = padded_row(target, t=6)
+    rows = jnp.concatenate([jnp.asarray(ys, jnp.int32),
+                            jnp.broadcast_to(row[3:], (27, 3))], axis=1)
+    q_prop = np.exp(np.asarray(batch_hamming_log_prob(rows, row, mask, (3, 6), 2.0,
+                                                      "rescaled"), np.float64))
+    want_fraction = 1.0 / float(np.sum(q_r ** 2 / q_prop))
+    self.assertAlmostEqual(float(jnp.mean(out.ess)) / 32, want_fraction, delta=0.05)
+
+  def test_bleu_reward_and_unknown_names(self):
+    _, _, _, _, out = self._tiny(reward="bleu_is", rows=4, n=8)
+    chex.assert_tree_all_finite(out.weights)
+    np.testing.assert_allclose(jnp.sum(out.weights, axis=1), 1.0, rtol=1e-5)
+    with self.assertRaisesRegex(ValueError, "Unknown reward 'edit'"):
+      self._tiny(reward="edit")
+
+
 class LossesTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

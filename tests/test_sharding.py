@@ -120,7 +120,7 @@ def _worker() -> dict:
   @jax.jit
   def reference(state, batch):
     def tf_loss_fn(params):
-      _, rec, jsd, _ = tf_objective.teacher_forced_terms(params, batch)
+      _, rec, jsd, _, _ = tf_objective.teacher_forced_terms(params, batch)
       return rec.loss - config.objective.lambda_jsd * jnp.mean(jsd.value)
 
     loss, grads = jax.value_and_grad(tf_loss_fn)(state.params)

@@ -26,10 +26,18 @@ The argument after the colon picks the arm (default: maximum likelihood):
   tokens, weight ε = EPS;
 * ``hamming,TAU`` / ``edit,TAU`` — RAML with N = ``raml.num_samples`` samples
   per example from the Hamming (exact) or edit-distance (approximate) payoff
-  distribution at temperature τ = TAU.
+  distribution at temperature τ = TAU;
+* ``hamming_exact,TAU`` — the Hamming payoff with τ in the ``"exact"``
+  convention (``q ∝ exp(−d_H/τ)``);
+* ``edit_is,TAU`` — the exact edit-distance reward ``q ∝ exp(−d_E/τ_eff)``
+  by self-normalised importance sampling with the Hamming proposal
+  (``raml.reward = "edit_is"``, N = ``IS_SAMPLES`` weighted samples);
+* ``hamming_n4,TAU`` — ``hamming,TAU`` with N = ``IS_SAMPLES`` samples (the
+  control of ``edit_is``: the same proposals with uniform weights).
 
 τ follows the ``"rescaled"`` convention of the public implementations (the
-one the paper's τ = 0.6–0.95 refer to): with V' = 10 content tokens it is the
+one the paper's τ = 0.6–0.95 refer to), except in ``hamming_exact``: with
+V' = 10 content tokens it is the
 exact payoff distribution at ``τ_eff = τ / (1 + ln 9) ≈ τ / 3.2``; the
 per-token substitution probability of the Hamming sampler is 0.04, 0.14 and
 0.24 at τ = 0.6, 0.8 and 0.95.
@@ -39,7 +47,13 @@ from __future__ import annotations
 
 from latentdiv import objectives
 
-ARM_KINDS = ("ml", "ls", "hamming", "edit")
+ARM_KINDS = ("ml", "ls", "hamming", "hamming_exact", "hamming_n4", "edit", "edit_is")
+KIND_LABELS = {"ml": "maximum likelihood", "ls": "label smoothing",
+               "hamming": "RAML, Hamming", "edit": "RAML, edit distance",
+               "hamming_exact": "RAML, Hamming (exact convention)",
+               "hamming_n4": "RAML, Hamming, 4 samples",
+               "edit_is": "RAML, exact edit distance by IS"}
+IS_SAMPLES = 4  # Samples per example of the importance-sampled arms (weights need N > 1).
 
 
 def get_config(arm: str = "ml"):
@@ -82,7 +96,11 @@ def get_config(arm: str = "ml"):
 
 
 def parse_arm(arm: str) -> tuple[str, float | None]:
-  """``"hamming,0.8"`` -> ``("hamming", 0.8)``; ``"ml"`` -> ``("ml", None)``."""
+  """``"hamming,0.8"`` -> ``("hamming", 0.8)``; ``"ml"`` -> ``("ml", None)``.
+
+  Raises:
+    ValueError: an unknown kind, or a value missing, extra or not a number.
+  """
   parts = [p.strip() for p in str(arm).split(",")]
   kind = parts[0]
   if kind not in ARM_KINDS:
@@ -106,6 +124,24 @@ def apply_arm(config, arm: str):
     config.objective.raml.epsilon = value
   else:
     config.objective.targets = "raml"
-    config.objective.raml.reward = kind
+    config.objective.raml.reward = {"hamming_exact": "hamming", "hamming_n4": "hamming"}.get(
+        kind, kind)
+    config.objective.raml.convention = "exact" if kind == "hamming_exact" else "rescaled"
     config.objective.raml.tau = value
+    if kind in ("edit_is", "hamming_n4"):
+      config.objective.raml.num_samples = IS_SAMPLES
   return config
+
+
+def arm_dir(arm: str) -> str:
+  """``"hamming,0.65"`` -> ``"hamming_0.65"`` (the arm's directory name)."""
+  kind, value = parse_arm(arm)
+  return kind if value is None else f"{kind}_{value:g}"
+
+
+def arm_label(arm: str) -> str:
+  """``"hamming,0.65"`` -> ``"RAML, Hamming, τ = 0.65"``."""
+  kind, value = parse_arm(arm)
+  if kind == "ml":
+    return KIND_LABELS[kind]
+  return f"{KIND_LABELS[kind]}, {'ε' if kind == 'ls' else 'τ'} = {value:g}"

@@ -59,6 +59,7 @@ import ml_collections
 from latentdiv import baselines
 from latentdiv import checkpointing
 from latentdiv import config as config_lib
+from latentdiv import datasets
 from latentdiv import divergences
 from latentdiv import estimators
 from latentdiv import metrics as metrics_lib
@@ -426,9 +427,15 @@ class Distillation(train.Objective):
     pad = lambda y: jnp.pad(y, ((0, 0), (0, task.target_len - length)))  # noqa: E731
     to_bk = lambda y: pad(y).reshape(num, k_student, task.target_len)  # noqa: E731
 
+    # Fresh data: num prompts drawn from the evaluation key (as always); a finite or
+    # text training set: its held-out prompts (cycled to num rows).
+    held_out = (None if self.setup.data is None or self.setup.data.train_eval is None
+                else datasets.cycle_rows(self.setup.data.heldout, num))
+
     @jax.jit
-    def evaluate(params, teacher_params, key):
-      batch = task.sample(key, num)
+    def evaluate(params, teacher_params, key, batch):
+      if batch is None:
+        batch = task.sample(key, num)
       prompt_r = jnp.repeat(batch.prompt, k_student, axis=0)
       s_key, t_key = jax.random.split(jax.random.fold_in(key, 1))
       s_logits_fn = functools.partial(model_lib.teacher_forced_logits, student, params,
@@ -458,7 +465,7 @@ class Distillation(train.Objective):
       return result
 
     ekey = train.eval_key(self.config)
-    return lambda params, teacher_params: evaluate(params, teacher_params, ekey)
+    return lambda params, teacher_params: evaluate(params, teacher_params, ekey, held_out)
 
   def train_line(self, aux):
     """The quantity optimised: the sampled reverse KL (OPD, GKD) or the NLL (SFT, seq-KD)."""

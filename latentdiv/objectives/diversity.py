@@ -35,6 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from latentdiv import baselines
 from latentdiv import config as config_lib
@@ -51,9 +52,16 @@ from latentdiv import sampling
 from latentdiv import sequence_term
 from latentdiv import sharding
 from latentdiv import train
+from latentdiv import text_metrics
 from latentdiv import vocab
 
 TARGETS = ("data", "label_smoothing", "raml")
+# The multi-reference metrics of text tasks (latentdiv.text_metrics), on the held-out set.
+TEXT_METRICS = ("pairwise_bleu", "references_covered", "multi_reference_bleu",
+                "leave_one_out_bleu")
+# Metrics evaluation also reports on the training slice of a finite training set.
+TRAIN_SET_METRICS = ("nll", "exact_match", "edit_distance", "validity", "coverage",
+                     "kl_payoff_to_model")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -78,8 +86,12 @@ def default_config() -> ml_collections.ConfigDict:
   o.raml.epsilon = 0.1  # label smoothing weight of the uniform prior over content tokens.
   o.raml.tau = 0.8  # payoff temperature.
   o.raml.convention = "rescaled"  # 'rescaled' is what the paper's tau values mean.
-  o.raml.reward = "hamming"  # 'hamming' (exact sampler) or 'edit' (approximate).
+  # 'hamming' (exact sampler), 'edit' (approximate sampler), or a reward with no exact
+  # sampler through self-normalised importance sampling with the Hamming proposal:
+  # 'edit_is' (the exact edit distance), 'bleu_is' (sentence BLEU) (DESIGN §8.4).
+  o.raml.reward = "hamming"
   o.raml.num_samples = 4  # N samples per example, drawn inside the jitted step.
+  o.raml.proposal_tau = 0.0  # '*_is' rewards: the Hamming proposal's tau (0 = raml.tau).
 
   # The sequence-level term (DESIGN §5); off when weight = 0.
   s = o.sequence_term = ml_collections.ConfigDict()
@@ -115,7 +127,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.one_of(config, "objective.jsd_weighting", divergences.WEIGHTINGS)
   config_lib.one_of(config, "objective.targets", TARGETS)
   config_lib.one_of(config, "objective.raml.convention", raml.CONVENTIONS)
-  config_lib.one_of(config, "objective.raml.reward", raml.REWARDS)
+  config_lib.one_of(config, "objective.raml.reward", raml.REWARDS + raml.IMPORTANCE_REWARDS)
+  config_lib.non_negative(config, "objective.raml.proposal_tau")
   config_lib.one_of(config, "objective.sequence_term.kind", sequence_term.KINDS)
   config_lib.one_of(config, "objective.sequence_term.estimator", estimators.ESTIMATORS)
   config_lib.one_of(config, "objective.sequence_term.baseline", baselines.BASELINES)
@@ -211,30 +224,49 @@ class Diversity(train.Objective):
 
     return jax.vmap(one, out_axes=1)(jnp.arange(model.config.num_latents))
 
-  def reconstruction_loglik(self, params, batch, logits_BxKxTxV, key) -> jax.Array:
+  def reconstruction_loglik(self, params, batch, logits_BxKxTxV, key):
     """The [B, K] per-latent log-likelihood terms the reconstruction loss is built from.
 
     ``objective.targets`` chooses what they score (DESIGN.md §3, §8):
     ``data``: ``log p_k(y* | x)``; ``label_smoothing``:
     ``−CE((1−ε)·onehot(y*) + ε·π, p_k)`` summed over tokens; ``raml``:
-    ``(1/N) Σ_n log p_k(y⁽ⁿ⁾ | x)`` with ``y⁽ⁿ⁾ ~ q(· | y*; τ)`` drawn here.
+    ``(1/N) Σ_n log p_k(y⁽ⁿ⁾ | x)`` with ``y⁽ⁿ⁾ ~ q(· | y*; τ)`` drawn here, or
+    ``Σ_n w_n log p_k(y⁽ⁿ⁾ | x)`` with self-normalised importance weights for
+    the ``*_is`` rewards (``raml.raml_loss`` either way).
+
+    Returns:
+      ``(loglik [B, K], metrics)``; metrics has ``is_ess`` (mean Kish
+      effective sample size per example, out of N) for the ``*_is`` rewards.
     """
     o, r = self.config.objective, self.config.objective.raml
     if o.targets == "data" or key is None:
-      return _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
+      return _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask), {}
     if o.targets == "label_smoothing":
       smoothed = functools.partial(raml.label_smoothing_loss, epsilon=r.epsilon,
                                    prior="uniform", alphabet=self.content_alphabet())
       return -jax.vmap(jax.vmap(smoothed, (0, None, None)))(
-          logits_BxKxTxV, batch.target, batch.target_mask)
-    samples = raml.sample_raml_targets(
-        key, batch.target, logprobs.content_mask(batch.target), r.num_samples,
-        self.content_alphabet(), r.tau, r.convention, reward=r.reward).tokens  # [B, N, T]
+          logits_BxKxTxV, batch.target, batch.target_mask), {}
+    editable = logprobs.content_mask(batch.target)
+    weights, metrics = None, {}
+    if r.reward in raml.IMPORTANCE_REWARDS:
+      drawn = raml.sample_importance_targets(
+          key, batch.target, editable, r.num_samples, self.content_alphabet(), r.tau,
+          r.convention, r.reward, proposal_tau=r.proposal_tau or r.tau)
+      samples, weights = drawn.tokens, drawn.weights
+      metrics["is_ess"] = jnp.mean(drawn.ess)
+    else:
+      samples = raml.sample_raml_targets(
+          key, batch.target, editable, r.num_samples, self.content_alphabet(), r.tau,
+          r.convention, reward=r.reward).tokens  # [B, N, T]
     batch_size, num_samples, t_len = samples.shape
     flat = samples.reshape(batch_size * num_samples, t_len)
     logits = self.latent_logits(params, jnp.repeat(batch.prompt, num_samples, axis=0), flat)
-    loglik = _loglik_BxK(logits, flat, logprobs.output_mask(flat))
-    return jnp.mean(loglik.reshape(batch_size, num_samples, -1), axis=1)
+    loglik_BxNxK = _loglik_BxK(logits, flat, logprobs.output_mask(flat)).reshape(
+        batch_size, num_samples, -1)
+    per_latent = jax.vmap(raml.raml_loss, (1, None))  # over K: [N, K] -> [K]
+    if weights is None:
+      return -jax.vmap(lambda ll: per_latent(ll, None))(loglik_BxNxK), metrics
+    return -jax.vmap(per_latent)(loglik_BxNxK, weights), metrics
 
   def teacher_forced_terms(self, params, batch, key=None, step=None):
     """Reconstruction and token-JSD terms on a batch (DESIGN.md §3–4, §5.7, §8).
@@ -243,13 +275,15 @@ class Diversity(train.Objective):
 
     Returns:
       (data logits [B, K, T, V], ``ReconstructionOutput``, ``TokenJSD``
-      batched, NLL per token of the best latent on the data).
+      batched, NLL per token of the best latent on the data, the metrics of
+      ``reconstruction_loglik``).
     """
     o = self.config.objective
     logits_BxKxTxV = self.latent_logits(params, batch.prompt, batch.target)
     data_loglik = _loglik_BxK(logits_BxKxTxV, batch.target, batch.target_mask)
-    loglik_BxK = (data_loglik if o.targets == "data" or key is None
-                  else self.reconstruction_loglik(params, batch, logits_BxKxTxV, key))
+    loglik_BxK, target_metrics = (
+        (data_loglik, {}) if o.targets == "data" or key is None
+        else self.reconstruction_loglik(params, batch, logits_BxKxTxV, key))
     temperature = (0.0 if step is None
                    else reconstruction.annealing_temperature(step, o.anneal_steps))
     rec = reconstruction.reconstruction_loss(o.reconstruction, loglik_BxK,
@@ -263,7 +297,7 @@ class Diversity(train.Objective):
     jsd = jax.vmap(jsd_fn)(logits_BxKxTxV, batch.target_mask)
     num_tokens = jnp.maximum(jnp.sum(batch.target_mask), 1)
     best_nll = -jnp.sum(jnp.max(data_loglik, axis=1)) / num_tokens
-    return logits_BxKxTxV, rec, jsd, best_nll
+    return logits_BxKxTxV, rec, jsd, best_nll, target_metrics
 
   def init_extra(self) -> dict:
     return sequence_term.init_state(self.settings) if self.use_sequence_term else {}
@@ -271,11 +305,12 @@ class Diversity(train.Objective):
   def loss(self, params, frozen, extra, batch, key, step):
     o = self.config.objective
     raml_key, key = jax.random.split(key)
-    logits, rec, jsd, best_nll = self.teacher_forced_terms(params, batch, raml_key, step)
+    logits, rec, jsd, best_nll, target_metrics = self.teacher_forced_terms(params, batch,
+                                                                           raml_key, step)
     token_jsd = jnp.mean(jsd.value)
     loss = rec.loss - o.lambda_jsd * token_jsd
     aux = dict(rec_loss=rec.loss, token_jsd=token_jsd, nll_per_token=best_nll,
-               **{f"usage/{k}": u for k, u in enumerate(rec.usage)})
+               **target_metrics, **{f"usage/{k}": u for k, u in enumerate(rec.usage)})
     new_extra = extra
     if self.use_sequence_term:
       s = o.sequence_term
@@ -289,15 +324,19 @@ class Diversity(train.Objective):
     return loss, (aux, new_extra)
 
   def make_evaluate(self, mesh=None):
-    """The jitted ``evaluate(params, frozen) -> metrics`` on a fixed evaluation batch.
+    """The ``evaluate(params, frozen) -> metrics`` on the held-out set (``setup.data.heldout``).
 
     Samples one output per (example, latent) at temperature 1 (or greedily with
     ``config.eval.greedy``), matches them against the hidden strategies' valid
-    outputs, and scores the teacher-forced terms on the batch.
+    outputs, and scores the teacher-forced terms on the batch. With a finite
+    training set the same jitted program also scores a fixed slice of the
+    training set (``setup.data.train_eval``, as many rows as the held-out
+    set), reported as ``train_<metric>`` for ``TRAIN_SET_METRICS``.
     """
     config, task, model = self.config, self.setup.task, self.setup.model
     ekey = train.eval_key(config)
-    eval_batch = task.sample(ekey, config.eval.batch_size)
+    eval_batch = self.setup.data.heldout
+    text = self.setup.data.text
     num_latents = model.config.num_latents
     r = config.objective.raml
 
@@ -310,7 +349,7 @@ class Diversity(train.Objective):
                                         greedy=config.eval.greedy)
       matches = metrics_lib.match_strategies(rollout.tokens, batch.valid_outputs)
       coverage = metrics_lib.strategy_coverage(matches, task.num_strategies)
-      _, rec, jsd, best_nll = self.teacher_forced_terms(params, batch)
+      _, rec, jsd, best_nll, _ = self.teacher_forced_terms(params, batch)
       # Monte-Carlo sequence KL between latents on the samples (DESIGN §9).
       logits = sampling.score_latents(model, params, batch.prompt, rollout.tokens)
       tokens = jnp.broadcast_to(rollout.tokens[:, :, None], logits.shape[:-1])
@@ -361,12 +400,23 @@ class Diversity(train.Objective):
           seq_kl=kl.mean,
           seq_kl_stderr=kl.stderr,
           samples=rollout.tokens[:4],
+          **({"greedy_tokens": greedy.tokens} if text is not None else {}),
       )
 
     bound = train.BoundJit(evaluate, eval_batch, ekey)
+    train_slice = self.setup.data.train_eval
+    on_train = None if train_slice is None else train.BoundJit(evaluate, train_slice, ekey)
 
     def run(params, frozen=()):  # pylint: disable=unused-argument
-      return bound(params)
+      result = bound(params)
+      if on_train is not None:
+        train_result = on_train(params)
+        result.update({f"train_{k}": train_result[k] for k in TRAIN_SET_METRICS})
+      if text is not None:  # Multi-reference metrics of the greedy output of every latent.
+        tokens = np.asarray(jax.device_get(result.pop("greedy_tokens")))
+        hyps = [[text.tokenizer.decode(t) for t in row] for row in tokens]
+        result.update(text_metrics.diversity_report(hyps, text.references, text.bleu_tokenize))
+      return result
 
     run.eval_batch, run.bound = eval_batch, bound
     return run
@@ -422,6 +472,7 @@ class Diversity(train.Objective):
       keys += ["latent_usage", "dead_latents", "token_jsd", "seq_kl", "seq_kl_stderr",
                "seq_mi", "seq_mi_stderr"]
       keys += ["nmi"] if self._strategy_task() else []
+    keys += [k for k in result if k.startswith("train_") or k in TEXT_METRICS]
     return dict(steps=int(state.step), nonfinite_steps=int(state.nonfinite_total),
                 task=self.config.task.name, num_latents=self.config.model.num_latents,
                 **{k: result[k] for k in keys})
@@ -458,5 +509,15 @@ class Diversity(train.Objective):
       lines.append(f"  greedy exact match: {summary['exact_match']:.1%}   mean edit "
                    f"distance: {summary['edit_distance']:.3f}   KL(q || p): "
                    f"{summary['kl_payoff_to_model']:.3f}")
+    if "train_nll" in summary:
+      lines.append(f"  training set: NLL/token {summary['train_nll']:.4f}, greedy exact match "
+                   f"{summary['train_exact_match']:.1%} (held-out: {summary['nll']:.4f}, "
+                   f"{summary['exact_match']:.1%})")
+    if "references_covered" in summary:
+      lines.append(f"  greedy output of each latent vs the references: pairwise BLEU "
+                   f"{summary['pairwise_bleu']:.1f}, references covered "
+                   f"{summary['references_covered']:.2f}, multi-reference BLEU "
+                   f"{summary['multi_reference_bleu']:.1f} (leave-one-out "
+                   f"{summary['leave_one_out_bleu']:.1f})")
     return "\n".join(lines)
 
