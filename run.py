@@ -103,14 +103,16 @@ def main(argv):
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
-  try:
-    setup, objective = experiment.build(config, workdir)  # Validates every field; nothing compiles.
-    train.make_data_mesh(config)  # Batch sizes against the devices.
-  except ValueError as err:
-    cli.fatal(err)
   workdir = _WORKDIR.value
   if workdir is None:
     workdir = cli.run_folder(flags.FLAGS["config"].config_filename, _overrides())
+  try:
+    # Validates every field; nothing is drawn or compiled (a text task's data are
+    # read, and its tokenizer kept in the run folder, on first use).
+    setup, objective = experiment.build(config, workdir)
+    train.make_data_mesh(config)  # Batch sizes against the devices.
+  except ValueError as err:
+    cli.fatal(err)
   try:
     workdir_lib.check_usable(workdir)
   except workdir_lib.WorkdirError as err:

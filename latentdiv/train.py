@@ -23,7 +23,6 @@ picks the objective named by ``config.objective.name`` and calls the one here.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax

@@ -42,7 +42,6 @@ from latentdiv import objectives
 from latentdiv import opd
 from latentdiv import oracle
 from latentdiv import sampling
-from latentdiv import surrogates
 from latentdiv import train
 from latentdiv import vocab
 from latentdiv import workdir as workdir_lib
