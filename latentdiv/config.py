@@ -22,6 +22,7 @@ import ml_collections
 
 from latentdiv import tasks
 from latentdiv import text_data
+from latentdiv import text_metrics
 from latentdiv import vocab
 
 SCHEDULES = ("constant", "cosine")
@@ -270,15 +271,20 @@ def validate_loop(config: ml_collections.ConfigDict) -> None:
   if config.task.max_target_len == 1:
     raise ValueError("config.task.max_target_len must be 0 (from the data) or >= 2 (room for "
                      "a token and the EOS), got 1.")
-  if config.task.tokenizer == "bpe" and not (
-      isinstance(config.task.tokenizer_vocab_size, int)
-      and config.task.tokenizer_vocab_size >= MIN_BPE_VOCAB):
+  vocab_size = config.task.tokenizer_vocab_size
+  if (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+      or not MIN_BPE_VOCAB <= vocab_size <= INT32_MAX):
     raise ValueError(f"config.task.tokenizer_vocab_size must be an integer >= {MIN_BPE_VOCAB} "
-                     "(256 bytes and 4 reserved ids) with tokenizer 'bpe', got "
-                     f"{config.task.tokenizer_vocab_size!r}.")
+                     f"(256 bytes and 4 reserved ids; read by tokenizer 'bpe'), got "
+                     f"{vocab_size!r}.")
+  for path in ("task.train_file", "task.valid_file"):
+    if not isinstance(config.task[path.split(".")[1]], str):
+      raise ValueError(f"config.{path} must be a string (a JSONL file for the 'text' task, "
+                       f"else ''), got {config.task[path.split('.')[1]]!r}.")
   one_of(config, "task.variant", tasks.LATE_VARIANTS)
   one_of(config, "task.transform", tasks.TRANSFORMS)
   one_of(config, "task.hard_branch", tasks.HARD_BRANCHES)
+  one_of(config, "task.bleu_tokenize", text_metrics.BLEU_TOKENIZERS)
   one_of(config, "optim.schedule", SCHEDULES)
   one_of(config, "model.dtype", DTYPES)
   for path in ("eval.greedy", "train.fsdp"):

@@ -37,6 +37,8 @@ import sacrebleu
 from sacrebleu.metrics import BLEU
 
 Outputs = Sequence[Sequence[str]]
+# sacrebleu's tokenizers (some need optional packages: 'ja-mecab', 'ko-mecab', 'spm', ...).
+BLEU_TOKENIZERS = tuple(BLEU.TOKENIZERS)
 
 
 def _check(hyps: Outputs, refs: Outputs | None = None) -> None:

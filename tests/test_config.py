@@ -59,7 +59,7 @@ class ValidateTest(parameterized.TestCase):
       ("objective__name", "nope",
        r"objective\.name must be one of \('diversity', 'distillation'\), got 'nope'"),
       ("objective__sequence_term__kind", "jsd",
-       r"objective\.sequence_term\.kind must be one of \('kl',\)"),
+       r"objective\.sequence_term\.kind must be one of \('kl', 'mi'\)"),
       ("objective__sequence_term__estimator", "reinforce",
        r"objective\.sequence_term\.estimator must be one of"),
       ("objective__sequence_term__baseline", "mean",

@@ -68,6 +68,8 @@ from latentdiv import runlog
 from latentdiv import sequence_term
 from latentdiv import surrogates
 from latentdiv import tasks
+from latentdiv import text_data
+from latentdiv import text_metrics
 from latentdiv import train
 from latentdiv import workdir as workdir_lib
 import test_runlog
@@ -216,9 +218,12 @@ POSITIVE_INTS = (
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
     "eval.batch_size")
 NON_NEGATIVE_NUMBERS = ("objective.lambda_jsd", "objective.sequence_term.weight",
-                        "optim.weight_decay", "optim.grad_clip_norm")
+                        "optim.weight_decay", "optim.grad_clip_norm",
+                        "objective.raml.proposal_tau")
 NON_NEGATIVE_INTS = ("objective.sequence_term.warmup_steps", "objective.sequence_term.ramp_steps",
-                     "objective.sequence_term.num_pairs", "optim.warmup_steps")
+                     "objective.sequence_term.num_pairs", "optim.warmup_steps",
+                     "objective.anneal_steps", "data.train_size", "data.train_capacity",
+                     "task.max_prompt_len", "task.max_target_len")
 BASELINES = ("none", "leave_one_out", "ema", "jsd")
 # Allowed names: the tuples of the modules that implement them (DESIGN.md), or
 # the schema's documentation for those only the config knows.
@@ -228,12 +233,15 @@ OPTIONS = {
     "task.name": tasks.TASKS,
     "task.variant": tasks.LATE_VARIANTS,
     "task.transform": tasks.TRANSFORMS,
+    "task.hard_branch": tasks.HARD_BRANCHES,
+    "task.tokenizer": text_data.TOKENIZERS,
+    "task.bleu_tokenize": text_metrics.BLEU_TOKENIZERS,
     "model.dtype": ("float32", "bfloat16"),
     "objective.reconstruction": reconstruction.RECONSTRUCTION_KINDS,
     "objective.jsd_weighting": divergences.WEIGHTINGS,
     "objective.targets": ("data", "label_smoothing", "raml"),
     "objective.raml.convention": raml.CONVENTIONS,
-    "objective.raml.reward": raml.REWARDS,
+    "objective.raml.reward": raml.REWARDS + raml.IMPORTANCE_REWARDS,
     "objective.sequence_term.kind": sequence_term.KINDS,
     "objective.sequence_term.estimator": estimators.ESTIMATORS,
     "objective.sequence_term.baseline": BASELINES,
@@ -267,6 +275,10 @@ def _task_problems(config):
     if t.variant == "permute" and not s <= d <= a:
       return {"task.num_strategies", "task.num_divergent", "task.alphabet_size"}, None
     return set(), p + d + 1
+  if t.name == "pattern_placement":  # The prompt written at each of S offsets.
+    return set(), p + s
+  if t.name == "branch":  # Two branch tokens, then the continuation and the EOS.
+    return set(), p + 2
   if t.min_len > p:
     return {"task.min_len", "task.prompt_len"}, None
   return set(), p + 1
@@ -294,13 +306,14 @@ def expected_invalid_fields(config) -> set:
             "objective.raml.tau": lambda v: v > 0,
             "objective.jsd_weight_temperature": lambda v: v > 0,
             "optim.learning_rate": lambda v: v > 0,
-            "objective.sequence_term.ema_decay": lambda v: 0 <= v < 1}
+            "objective.sequence_term.ema_decay": lambda v: 0 <= v < 1,
+            "objective.wta_epsilon": lambda v: 0 <= v < 1}
   for path, ok in ranges.items():
     if not (_is_number(get(path)) and ok(get(path))):
       bad.add(path)
   if not (_is_int(config.seed) and -INT32_MAX - 1 <= config.seed <= INT32_MAX):
     bad.add("seed")
-  for path in ("eval.greedy", "train.fsdp"):
+  for path in ("eval.greedy", "train.fsdp", "objective.sequence_term.pathwise"):
     if not isinstance(get(path), bool):
       bad.add(path)
   fine = lambda *paths: not bad.intersection(paths)  # noqa: E731
@@ -317,6 +330,20 @@ def expected_invalid_fields(config) -> set:
   if fine("model.num_latents", "objective.sequence_term.num_pairs") and (
       pg.num_pairs > k * (k - 1)):
     bad.add("objective.sequence_term.num_pairs")
+  if fine("objective.sequence_term.kind", "objective.sequence_term.num_pairs") and (
+      pg.kind == "mi" and pg.num_pairs):  # The MI uses every latent.
+    bad.add("objective.sequence_term.num_pairs")
+  if fine("task.max_target_len") and config.task.max_target_len == 1:  # Room for the EOS.
+    bad.add("task.max_target_len")
+  if not (_is_int(config.task.tokenizer_vocab_size)
+          and 260 <= config.task.tokenizer_vocab_size <= INT32_MAX):
+    bad.add("task.tokenizer_vocab_size")  # 256 bytes and 4 reserved ids.
+  for path in ("task.train_file", "task.valid_file"):
+    if not isinstance(get(path), str):
+      bad.add(path)
+  if fine("data.train_size", "train.batch_size") and (
+      0 < config.data.train_size < config.train.batch_size):
+    bad.add("data.train_size")
   if fine("objective.sequence_term.baseline", "objective.sequence_term.num_rollouts") and (
       pg.baseline == "leave_one_out" and pg.num_rollouts < 2):
     bad.add("objective.sequence_term.num_rollouts")
@@ -374,7 +401,21 @@ INVALID_VALUES = {
     "objective.raml.epsilon": (-0.1, 1.5),
     "objective.raml.tau": (0.0, -1.0),
     "objective.raml.convention": ("paper", None),
-    "objective.raml.reward": ("bleu", None),
+    "objective.raml.reward": ("bleu", "edit_IS", None),
+    "objective.raml.proposal_tau": (-0.5, None),
+    "objective.wta_epsilon": (-0.1, 1.0, None),
+    "objective.anneal_steps": (-1, 2**40, None),
+    "objective.sequence_term.pathwise": (None,),
+    "task.hard_branch": ("copy", None),
+    "task.tokenizer": ("word", None),
+    "task.bleu_tokenize": ("moses", None),
+    "task.max_prompt_len": (-1, None),
+    "task.max_target_len": (-1, None),
+    "data.train_size": (-1, None),
+    "data.train_capacity": (-2, None),
+    "task.tokenizer_vocab_size": (100, 259, None, True),
+    "task.train_file": (None,),
+    "task.valid_file": (None,),
     "objective.raml.num_samples": _BAD_POSITIVE,
     "objective.sequence_term.weight": (-1.0, None),
     "objective.sequence_term.kind": ("jsd", "KL", None),
@@ -420,8 +461,7 @@ for _path, _values in KNOWN_GAPS.items():
 
 
 def _target_len(config):
-  t = config.task
-  return t.prompt_len + t.num_divergent + 1 if t.name == "late_divergence" else t.prompt_len + 1
+  return _task_problems(config)[1]
 
 
 def _clash_k1(c):
@@ -534,6 +574,17 @@ def configs(draw, tiny=False, allow_invalid=True):
       "task.shift": st.integers(1, 3),
       "task.min_len": st.integers(1, 4),
       "task.transform": st.sampled_from(tasks.TRANSFORMS),
+      "task.hard_branch": st.sampled_from(tasks.HARD_BRANCHES),
+      # The text task's fields (read only when task.name is 'text', never drawn here).
+      "task.train_file": st.just(""),
+      "task.valid_file": st.just(""),
+      "task.tokenizer": st.sampled_from(text_data.TOKENIZERS),
+      "task.tokenizer_vocab_size": st.integers(260, 4096),
+      "task.max_prompt_len": st.integers(0, 8),
+      "task.max_target_len": st.sampled_from((0, 2, 9)),
+      "task.bleu_tokenize": st.sampled_from(("13a", "none", "char", "intl")),
+      "data.train_size": st.sampled_from((0, 64, 100)),
+      "data.train_capacity": st.sampled_from((0, 128)),
       "model.num_latents": small(1, 4, 3),
       "model.d_model": st.sampled_from((8, 16) if tiny else (8, 12, 16, 32)),
       "model.num_heads": st.sampled_from((1, 2) if tiny else (1, 2, 3, 4)),
@@ -541,6 +592,8 @@ def configs(draw, tiny=False, allow_invalid=True):
       "model.d_ff": st.sampled_from((16,) if tiny else (8, 16, 64)),
       "model.dtype": st.sampled_from(OPTIONS["model.dtype"]),
       "objective.reconstruction": st.sampled_from(OPTIONS["objective.reconstruction"]),
+      "objective.wta_epsilon": floats(0.0, 0.5),
+      "objective.anneal_steps": st.integers(0, 300),
       "objective.lambda_jsd": st.one_of(st.just(0.0), floats(0.01, 2.0)),
       "objective.jsd_weighting": st.sampled_from(OPTIONS["objective.jsd_weighting"]),
       "objective.jsd_prefix_len": st.integers(1, 8),
@@ -550,6 +603,9 @@ def configs(draw, tiny=False, allow_invalid=True):
       "objective.raml.convention": st.sampled_from(raml.CONVENTIONS),
       "objective.raml.reward": st.sampled_from(raml.REWARDS),
       "objective.raml.num_samples": small(1, 4, 2),
+      "objective.raml.proposal_tau": st.one_of(st.just(0.0), floats(0.05, 5.0)),
+      "objective.sequence_term.kind": st.sampled_from(sequence_term.KINDS),
+      "objective.sequence_term.pathwise": st.booleans(),
       "objective.sequence_term.weight": st.one_of(st.just(0.0), floats(0.01, 1.0)),
       "objective.sequence_term.estimator": st.sampled_from(estimators.ESTIMATORS),
       "objective.sequence_term.baseline": st.sampled_from(BASELINES),
@@ -584,7 +640,8 @@ def configs(draw, tiny=False, allow_invalid=True):
     k = v["model.num_latents"]
     if k == 1:
       v["objective.lambda_jsd"] = v["objective.sequence_term.weight"] = 0.0
-    v["objective.sequence_term.num_pairs"] = draw(st.integers(0, k * (k - 1)))
+    v["objective.sequence_term.num_pairs"] = (
+        0 if v["objective.sequence_term.kind"] == "mi" else draw(st.integers(0, k * (k - 1))))
     v["objective.sequence_term.estimator"] = draw(st.sampled_from(
         estimators.BASELINED_ESTIMATORS if v["objective.sequence_term.baseline"] != "none" else
         [e for e in estimators.ESTIMATORS if not e.endswith("_baseline")]))
@@ -597,7 +654,8 @@ def configs(draw, tiny=False, allow_invalid=True):
     v["task.num_strategies"] = min(v["task.num_strategies"], a)
     if v["task.name"] == "late_divergence" and v["task.variant"] == "permute":
       v["task.num_strategies"] = min(v["task.num_strategies"], d)
-    t_len = p + d + 1 if v["task.name"] == "late_divergence" else p + 1
+    t_len = {"late_divergence": p + d + 1, "pattern_placement": p + v["task.num_strategies"],
+             "branch": p + 2}.get(v["task.name"], p + 1)
     v["objective.sequence_term.rollout_len"] = draw(st.integers(1, t_len))
     v["objective.jsd_prefix_len"] = draw(st.integers(1, t_len))
   config = objectives.base_config()

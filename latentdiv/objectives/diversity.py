@@ -151,8 +151,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"(objective.lambda_jsd > 0 or objective.sequence_term.weight > 0), got {k}.")
   if s.kind == "mi" and s.num_pairs:
     raise ValueError(
-        "config.objective.sequence_term.num_pairs applies to kind 'kl' only (the mutual "
-        f"information uses every latent): set it to 0, got {s.num_pairs}.")
+        "config.objective.sequence_term.num_pairs must be 0 with kind 'mi' (the mutual "
+        f"information uses every latent; pairs apply to 'kl'), got {s.num_pairs}.")
   if s.num_pairs > k * (k - 1):
     raise ValueError(
         f"config.objective.sequence_term.num_pairs must be in [0, K(K-1) = {k * (k - 1)}], "
