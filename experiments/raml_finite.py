@@ -65,7 +65,8 @@ _NUM_STEPS = sweep.define_shared_flag(flags.DEFINE_integer, "num_steps", 0,
                                       "Override train.num_steps (0: the config's). Smoke tests.")
 _AGGREGATE_ONLY = sweep.define_shared_flag(flags.DEFINE_bool, "aggregate_only", False,
                                            "Only aggregate the finished runs under --root.")
-_TASKS = flags.DEFINE_list("tasks", list(finite_config.TASKS), "Task variants.")
+_TASKS = sweep.define_shared_flag(flags.DEFINE_list, "tasks", list(finite_config.TASKS),
+                                  "Task variants.")
 _SIZES = flags.DEFINE_list("sizes", ["128", "512", "2048"], "Training-set sizes N.")
 _ARMS = flags.DEFINE_string("arms", ";".join(DEFAULT_ARMS),
                             "Arms, ';'-separated (see experiments/configs/raml.py).")

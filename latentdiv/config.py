@@ -127,6 +127,20 @@ FIELD_HELP = {
     "task.shift": "early/late 'shift': strategy s adds s*shift (mod A)",
     "task.min_len": "transduction: shortest input (lengths uniform in [min_len, prompt_len])",
     "task.transform": f"transduction: the map from input to output, one of {tasks.TRANSFORMS}",
+    "task.hard_branch": "branch: the continuation after the second branch token, one of "
+                        f"{tasks.HARD_BRANCHES}",
+    "task.train_file": "text: JSONL training file, one {\"prompt\", \"references\"} per line",
+    "task.valid_file": "text: JSONL held-out file, same format",
+    "task.tokenizer": "text: 'char' (one id per character) or 'bpe' (Hugging Face tokenizers, "
+                      "trained on train_file, saved in the run folder)",
+    "task.tokenizer_vocab_size": "text, 'bpe': ids including the 4 reserved ones (>= 260)",
+    "task.max_prompt_len": "text: truncate prompts to this (0: the longest in the files)",
+    "task.max_target_len": "text: truncate references + EOS to this (0: the longest)",
+    "task.bleu_tokenize": "text: sacrebleu's tokenizer for the BLEU metrics ('13a', 'char', ...)",
+    "data.train_size": "0: fresh examples every step; N: a fixed training set of N examples "
+                       "in reshuffled epochs (train_* metrics on a slice of it)",
+    "data.train_capacity": "rows the training arrays hold (0: train_size); sweeps over N set "
+                           "their largest N so every size shares one compiled step",
     "model.num_latents": "K, the number of latent values z",
     "model.d_model": "Transformer width",
     "model.num_heads": "attention heads (must divide d_model)",

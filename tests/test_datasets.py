@@ -149,8 +149,10 @@ class BuildTest(parameterized.TestCase):
     config.task.min_len = 1
     config.task.alphabet_size = 2
     config.eval.batch_size = 16
+    config.objective.sequence_term.rollout_len = 3  # T = 3 on this task.
+    setup, _ = experiment.build(config)  # The data are drawn on first use.
     with self.assertRaisesRegex(ValueError, r"config.data.train_size=200 is more than the task"):
-      experiment.build(config)
+      setup.data.train  # pylint: disable=pointless-statement
 
   def test_train_size_smaller_than_a_batch_is_refused_before_building(self):
     with self.assertRaisesRegex(ValueError, r"config.data.train_size=8 must be 0 .* at least "
@@ -166,7 +168,9 @@ class FiniteTrainingTest(parameterized.TestCase):
     want = experiment.train_and_evaluate(finite_config(num_steps=11), straight)
     interrupted = self.create_tempdir().full_path
     experiment.train_and_evaluate(finite_config(num_steps=7), interrupted)
-    got = experiment.train_and_evaluate(finite_config(num_steps=11), interrupted)
+    # A longer run of the same config: accepted explicitly (DESIGN.md §11).
+    got = experiment.train_and_evaluate(finite_config(num_steps=11), interrupted,
+                                        accept_changes=True)
     for key in ("nll", "train_nll", "exact_match", "train_exact_match"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
     with open(os.path.join(straight, "metrics.jsonl")) as f:

@@ -52,6 +52,7 @@ from latentdiv import sampling
 from latentdiv import sequence_term
 from latentdiv import sharding
 from latentdiv import train
+from latentdiv import text_data
 from latentdiv import text_metrics
 from latentdiv import vocab
 
@@ -435,14 +436,19 @@ class Diversity(train.Objective):
     return f"objective {value:.4f}  {line}  lr {aux.get('learning_rate', float('nan')):.2e}"
 
   def _strategy_task(self) -> bool:
+    """Hidden strategies (or a text task's references) to cover."""
     return self.config.task.name != "transduction"
+
+  def _transduction_task(self) -> bool:
+    """One reference per output position: exact match and edit distance mean something."""
+    return self.config.task.name in ("transduction", text_data.NAME)
 
   def eval_line(self, result):
     parts = [f"validity {[round(v, 3) for v in result['validity']]}"]
     if self._strategy_task():
       parts.insert(0, f"coverage {result['coverage']:.2f} "
                       f"({result['per_example_coverage']:.3f} per example)")
-    else:
+    if self._transduction_task():
       parts += [f"exact match {result['exact_match']:.3f}",
                 f"edit distance {result['edit_distance']:.3f}"]
     if self.config.model.num_latents > 1:
@@ -466,7 +472,7 @@ class Diversity(train.Objective):
     keys = ["validity", "nll"]
     if self._strategy_task():
       keys += ["coverage", "per_example_coverage", "assignment", "confusion"]
-    else:
+    if self._transduction_task():
       keys += ["exact_match", "edit_distance", "kl_payoff_to_model"]
     if self.config.model.num_latents > 1:
       keys += ["latent_usage", "dead_latents", "token_jsd", "seq_kl", "seq_kl_stderr",
@@ -510,9 +516,13 @@ class Diversity(train.Objective):
                    f"distance: {summary['edit_distance']:.3f}   KL(q || p): "
                    f"{summary['kl_payoff_to_model']:.3f}")
     if "train_nll" in summary:
-      lines.append(f"  training set: NLL/token {summary['train_nll']:.4f}, greedy exact match "
-                   f"{summary['train_exact_match']:.1%} (held-out: {summary['nll']:.4f}, "
-                   f"{summary['exact_match']:.1%})")
+      if "exact_match" in summary:
+        lines.append(f"  training set: NLL/token {summary['train_nll']:.4f}, greedy exact match "
+                     f"{summary['train_exact_match']:.1%} (held-out: {summary['nll']:.4f}, "
+                     f"{summary['exact_match']:.1%})")
+      else:
+        lines.append(f"  training set: NLL/token {summary['train_nll']:.4f} (held-out: "
+                     f"{summary['nll']:.4f})")
     if "references_covered" in summary:
       lines.append(f"  greedy output of each latent vs the references: pairwise BLEU "
                    f"{summary['pairwise_bleu']:.1f}, references covered "

@@ -23,6 +23,8 @@ HELP = {
         "raml.convention": "how tau is read: 'rescaled' (the paper's values) or exact",
         "raml.reward": "RAML payoff: 'hamming' (exact sampler) or 'edit' (approximate)",
         "raml.num_samples": "RAML samples N per example, drawn inside the step",
+        "raml.proposal_tau": "'*_is' rewards: tau of the Hamming proposal of the importance "
+                             "sampler (0: raml.tau)",
         "sequence_term.weight": "weight of the sequence-level term (0: off; DESIGN.md §5)",
         "sequence_term.kind": "'kl' (pairwise sequence KL) or 'mi' (bounded mutual information)",
         "sequence_term.pathwise": "'mi' only: keep the pathwise term through the mixture",
@@ -43,6 +45,11 @@ HELP = {
         "loss": "opd, gkd, per_token_reward or seq_kd (DESIGN.md §6)",
         "estimator": "loss='opd': the policy-gradient estimator, e.g. rao_blackwell",
         "baseline": "loss='opd': none, leave_one_out or ema",
+        "single_step_kl": "MiniLLM's single-step decomposition: the current step's exact KL "
+                          "gradient in place of its sampled term",
+        "teacher_mix": "alpha: sample from alpha * teacher + (1 - alpha) * student (0: on-policy)",
+        "mix_weight": "teacher-mixed importance weights: 'sequence' (prefix ratios, unbiased) "
+                      "or 'token' (MiniLLM's per-token ratio, biased)",
         "num_rollouts": "responses per (prompt, latent); leave_one_out needs >= 2",
         "discount": "gamma on the future terms (1: the unbiased sequence-KL gradient)",
         "length_normalize": "MiniLLM's length normalisation of the future terms",

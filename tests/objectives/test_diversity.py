@@ -122,19 +122,22 @@ class DiversityStepTest(parameterized.TestCase):
     raml = cli.load_config_file(os.path.join(_REPO, "experiments/configs/raml.py:hamming,0.8"))
     result = dict(coverage=0.0, validity=[0.5], assignment=[-1], confusion=[[0.0]],
                   latent_usage=[1.0], nmi=0.0, seq_kl=0.0, seq_kl_stderr=0.0, token_jsd=0.0,
-                  nll=0.3, exact_match=0.9, edit_distance=0.1, kl_payoff_to_model=2.0)
+                  nll=0.3, exact_match=0.9, edit_distance=0.1, kl_payoff_to_model=2.0,
+                  per_example_coverage=0.0, dead_latents=0, seq_mi=0.0, seq_mi_stderr=0.0)
     state = types.SimpleNamespace(step=3, nonfinite_total=0)
     _, k1 = experiment.build(raml)  # K = 1 on transduction: nothing between latents.
     summary = k1.summary(state, result, 0.0)
     self.assertEqual(set(summary) - {"steps", "nonfinite_steps", "task", "num_latents"},
                      {"validity", "nll", "exact_match", "edit_distance", "kl_payoff_to_model"})
     text = k1.format_summary(summary) + k1.eval_line(result)
-    for absent in ("coverage", "NMI", "nmi", "sequence KL", "usage", "JSD"):
+    for absent in ("coverage", "NMI", "nmi", "sequence KL", "usage", "JSD", "dead",
+                   "mutual information"):
       self.assertNotIn(absent, text)
     _, k3 = experiment.build(objectives.base_config())  # K = 3 on a strategy task.
     result.update(validity=[0.5] * 3, latent_usage=[0.3] * 3, assignment=[0, 1, 2])
     summary = k3.summary(state, result, 0.0)
-    self.assertContainsSubset({"coverage", "nmi", "seq_kl", "latent_usage", "token_jsd"}, summary)
+    self.assertContainsSubset({"coverage", "per_example_coverage", "nmi", "seq_kl", "seq_mi",
+                               "latent_usage", "dead_latents", "token_jsd"}, summary)
     self.assertNotIn("exact_match", summary)
     line = k3.train_line(dict(loss=9.0, rec_loss=1.0, token_jsd=0.5, learning_rate=1e-3))
     self.assertTrue(line.startswith("objective 0.9500  rec 1.0000  jsd 0.5000"), line)
