@@ -48,6 +48,7 @@ def _fake_run(workdir):
 
 class MainTest(parameterized.TestCase):
 
+  @pytest.mark.slow  # Trains a run, then the full diagnostics (about 2 minutes).
   def test_main_on_a_checkpoint_writes_table_json_and_plot(self):
     workdir = self.create_tempdir().full_path
     state = _fake_run(workdir)

@@ -51,6 +51,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import orbax.checkpoint as ocp
 
 from latentdiv import checkpointing
@@ -765,6 +766,7 @@ class ConfigPropertyTest(parameterized.TestCase):
     self.assertGreaterEqual(counts["invalid"], 50)
     self.assertGreaterEqual(counts["valid"], 10)
 
+  @pytest.mark.slow  # Compiles a train step per drawn config (about 5 minutes).
   def test_valid_tiny_drawn_configs_train_two_steps(self):
 
     @hypothesis.settings(max_examples=2, deadline=None, database=None,

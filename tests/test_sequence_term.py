@@ -67,12 +67,12 @@ class SequenceTermTest(parameterized.TestCase):
     self._check_mutual_information_parts(estimator="rao_blackwell", baseline="leave_one_out",
                                          num_rollouts=2)
 
-  @pytest.mark.slow
   @parameterized.parameters(
       dict(estimator="rao_blackwell", baseline="none", num_rollouts=1),
       dict(estimator="kl_to_go_baseline", baseline="ema", num_rollouts=1),
       dict(estimator="reward_to_go_baseline", baseline="jsd", num_rollouts=1),
   )
+  @pytest.mark.slow  # Below the parameters: absl copies the mark to each case.
   def test_mutual_information_equals_its_parts_other_baselines(self, **kwargs):
     self._check_mutual_information_parts(**kwargs)
 
