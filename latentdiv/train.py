@@ -1,4 +1,4 @@
-"""The training loop every objective shares: one train step, one host loop.
+"""What every objective shares: the train state, the ONE train step, and its binding to the host loop.
 
 An objective (``latentdiv.objectives``) supplies its loss, its extra state and
 its evaluation; this module supplies everything else (nanodo's
