@@ -254,17 +254,15 @@ def build(config, task: tasks_lib.Task) -> Data:
   return Data(train, heldout, cycle_rows(first, config.eval.batch_size))
 
 
-def for_config(config, workdir: Optional[str] = None, load_data: bool = True):
-  """``(task, data)`` of a config: a synthetic task and its ``build``, or a text task from files.
+def for_config(config, load_data: bool = True):
+  """``(task, data)`` of a synthetic task's config: the task and its ``build``.
+
+  (A text task's come from ``text_data.build``; ``train.build_setup`` picks.)
 
   Args:
     config: the validated config.
-    workdir: the run's directory (a text task keeps its tokenizer there).
     load_data: also build the data (a ``LazyData``, drawn on first use; else
       None: loading a trained model).
   """
-  if config.task.name == "text":
-    from latentdiv import text_data  # pylint: disable=import-outside-toplevel
-    return text_data.build(config, workdir, load_data)
   task = tasks_lib.from_config(config.task)
   return task, (LazyData(lambda: build(config, task)) if load_data else None)

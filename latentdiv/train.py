@@ -37,6 +37,7 @@ from latentdiv import loop
 from latentdiv import model as model_lib
 from latentdiv import sharding
 from latentdiv import tasks as tasks_lib
+from latentdiv import text_data
 from latentdiv import workdir as workdir_lib
 
 # The loop's structural fields: a resume that changes one cannot restore the state.
@@ -178,7 +179,10 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str | None = None,
     ValueError: the task's, the data's or the model's fields are inconsistent
       (for data files: naming the file and line).
   """
-  task, data = datasets.for_config(config, workdir, load_data)
+  if config.task.name == text_data.NAME:  # JSONL files; the tokenizer kept in the workdir.
+    task, data = text_data.build(config, workdir, load_data)
+  else:
+    task, data = datasets.for_config(config, load_data)
   m = config.model
   model_config = model_lib.ModelConfig(
       vocab_size=task.vocab_size, num_latents=m.num_latents,
