@@ -57,8 +57,8 @@ class SequenceTermTest(parameterized.TestCase):
     self.assertEqual(jax.tree_util.tree_structure(term.extra), jax.tree_util.tree_structure(extra))
     if kwargs["baseline"] == "ema":
       self.assertGreater(float(jnp.max(jnp.abs(term.extra["ema"]))), 0.0)
-    grads = jax.grad(lambda p: sequence_term.sequence_term(
-        model, p, prompt, jax.random.PRNGKey(1), extra, settings).surrogate)(params)
+    grads = jax.jit(jax.grad(lambda p: sequence_term.sequence_term(
+        model, p, prompt, jax.random.PRNGKey(1), extra, settings).surrogate))(params)
     self.assertGreater(float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree_util.tree_leaves(grads))),
                        0.0)
 
@@ -122,10 +122,10 @@ class SequenceTermTest(parameterized.TestCase):
         loss = jax.vmap(jax.vmap(fn))(terms, mask, value)
       return -jnp.mean(loss)
 
-    np.testing.assert_allclose(term.surrogate, manual(params), rtol=1e-5, atol=1e-6)
-    g_term = jax.grad(lambda p: sequence_term.sequence_term(
-        model, p, prompt, key, extra, settings, data_logits, data_mask).surrogate)(params)
-    g_manual = jax.grad(manual)(params)
+    np.testing.assert_allclose(term.surrogate, jax.jit(manual)(params), rtol=1e-5, atol=1e-6)
+    g_term = jax.jit(jax.grad(lambda p: sequence_term.sequence_term(
+        model, p, prompt, key, extra, settings, data_logits, data_mask).surrogate))(params)
+    g_manual = jax.jit(jax.grad(manual))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_term), jax.tree_util.tree_leaves(g_manual)):
       self.assertLess(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12)), 1e-4)
 
@@ -134,14 +134,15 @@ class SequenceTermTest(parameterized.TestCase):
     settings = sequence_term.Settings(rollout_len=3, estimator="kl_to_go_baseline",
                                       baseline="ema", ema_decay=0.0)
     prompt = jnp.full((4, 2), 3, jnp.int32)
-    term = sequence_term.sequence_term(model, params, prompt, jax.random.PRNGKey(1),
-                                       sequence_term.init_state(settings), settings)
+    run = lambda s: jax.jit(lambda p: sequence_term.sequence_term(  # noqa: E731
+        model, p, prompt, jax.random.PRNGKey(1), sequence_term.init_state(s), s))(params)
+    term = run(settings)
     # With decay 0 the EMA is this step's mean kl_to_go return per position over
     # the off-diagonal groups i ≠ j (the i = j returns are 0 and stay out).
     from latentdiv import estimators, sampling  # pylint: disable=import-outside-toplevel
-    rollout = sampling.sample_latents(model, params, prompt,
-                                      jax.random.split(jax.random.PRNGKey(1))[0], 3)
-    terms = sequence_term.pair_terms(model, params, prompt, rollout.tokens)
+    rollout = jax.jit(lambda p: sampling.sample_latents(
+        model, p, prompt, jax.random.split(jax.random.PRNGKey(1))[0], 3))(params)
+    terms = jax.jit(lambda p: sequence_term.pair_terms(model, p, prompt, rollout.tokens))(params)
     mask = jnp.broadcast_to(rollout.mask[:, :, None], terms.kl_t.shape).astype(jnp.float32)
     r = (terms.logp_score_t - terms.logp_target_t) * mask
     kl = terms.kl_t * mask
@@ -150,8 +151,7 @@ class SequenceTermTest(parameterized.TestCase):
     want = jnp.sum(returns * off, axis=(0, 1, 2)) / jnp.sum(off, axis=(0, 1, 2))
     np.testing.assert_allclose(term.extra["ema"], want, rtol=1e-4, atol=1e-5)
     settings_mi = settings._replace(kind="mi")
-    term_mi = sequence_term.sequence_term(model, params, prompt, jax.random.PRNGKey(1),
-                                          sequence_term.init_state(settings_mi), settings_mi)
+    term_mi = run(settings_mi)
     self.assertGreater(float(term_mi.extra["ema"][0]), 0.0)
 
   def test_pair_terms_equal_scoring_every_pair_at_once(self):
@@ -171,14 +171,15 @@ class SequenceTermTest(parameterized.TestCase):
       return jax.vmap(jax.vmap(jax.vmap(estimators.per_token_terms)))(score, logits, toks)
 
     got = jax.jit(lambda p: sequence_term.pair_terms(model, p, prompt, tokens))(params)
-    want = direct(params)
+    want = jax.jit(direct)(params)
     for g, w in zip(got, want):
       chex.assert_shape(g, (4, 3, 3, 4))
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.diagonal(got.kl_t, axis1=1, axis2=2), 0.0, atol=1e-6)
     scalar = lambda t: jnp.sum(t.kl_t) + jnp.sum(t.logp_target_t * t.logp_score_t)  # noqa: E731
-    g_got = jax.grad(lambda p: scalar(sequence_term.pair_terms(model, p, prompt, tokens)))(params)
-    g_want = jax.grad(lambda p: scalar(direct(p)))(params)
+    g_got = jax.jit(jax.grad(
+        lambda p: scalar(sequence_term.pair_terms(model, p, prompt, tokens))))(params)
+    g_want = jax.jit(jax.grad(lambda p: scalar(direct(p))))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
       # Relative to each leaf's scale: float32 sums in another order.
       self.assertLess(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12)), 1e-5)
