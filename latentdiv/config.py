@@ -285,16 +285,15 @@ def validate_loop(config: ml_collections.ConfigDict) -> None:
   if config.task.max_target_len == 1:
     raise ValueError("config.task.max_target_len must be 0 (from the data) or >= 2 (room for "
                      "a token and the EOS), got 1.")
-  vocab_size = config.task.tokenizer_vocab_size
-  if (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
-      or not MIN_BPE_VOCAB <= vocab_size <= INT32_MAX):
+  positive_int(config, "task.tokenizer_vocab_size")
+  if config.task.tokenizer_vocab_size < MIN_BPE_VOCAB:
     raise ValueError(f"config.task.tokenizer_vocab_size must be an integer >= {MIN_BPE_VOCAB} "
                      f"(256 bytes and 4 reserved ids; read by tokenizer 'bpe'), got "
-                     f"{vocab_size!r}.")
+                     f"{config.task.tokenizer_vocab_size!r}.")
   for path in ("task.train_file", "task.valid_file"):
-    if not isinstance(config.task[path.split(".")[1]], str):
+    if not isinstance(get(config, path), str):
       raise ValueError(f"config.{path} must be a string (a JSONL file for the 'text' task, "
-                       f"else ''), got {config.task[path.split('.')[1]]!r}.")
+                       f"else ''), got {get(config, path)!r}.")
   one_of(config, "task.variant", tasks.LATE_VARIANTS)
   one_of(config, "task.transform", tasks.TRANSFORMS)
   one_of(config, "task.hard_branch", tasks.HARD_BRANCHES)
